@@ -1,0 +1,141 @@
+import pytest
+import torch
+from torch import nn
+
+import vkd
+from vkd.projectors import ORTHOGONAL_METHODS
+
+# "exp" forms a d_t x d_t matrix exponential and "householder" a d_s-step reflection product with a
+# slow backward: both run at the smaller sizes to keep the suite fast.
+SIZES = {
+    "stiefel": [(192, 3024), (256, 256), (64, 128)],
+    "cayley": [(192, 3024), (256, 256), (64, 128)],
+    "householder": [(64, 512), (128, 128), (64, 128)],
+    "exp": [(32, 256), (96, 96), (64, 128)],
+}
+CASES = [(m, s, t) for m in ORTHOGONAL_METHODS for (s, t) in SIZES[m]]
+
+
+def orthogonality_error(p: vkd.OrthogonalProjector) -> float:
+    w = p.weight.detach()
+    return (w.mT @ w - torch.eye(w.shape[1])).abs().max().item()
+
+
+@pytest.mark.parametrize("method,d_s,d_t", CASES)
+def test_orthonormal_at_init(method, d_s, d_t):
+    torch.manual_seed(0)
+    p = vkd.OrthogonalProjector(d_s, d_t, method=method)
+    assert p.weight.shape == (d_t, d_s)
+    assert orthogonality_error(p) <= 1e-5
+    x = torch.randn(7, d_s)
+    torch.testing.assert_close(p(x), x @ p.weight.mT, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,d_s,d_t", CASES)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_orthonormal_after_100_steps(method, d_s, d_t, optimizer):
+    """Fit a random regression target, calling ``retract_`` after each step as the engine does."""
+    torch.manual_seed(1)
+    p = vkd.OrthogonalProjector(d_s, d_t, method=method)
+    x, target = torch.randn(64, d_s), torch.randn(64, d_t)
+    opt = torch.optim.SGD(p.parameters(), lr=0.5, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(
+        p.parameters(), lr=1e-3
+    )
+    first = None
+    for _ in range(100):
+        loss = (p(x) - target).square().mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        vkd.retract_(p)
+    assert loss.item() < first  # it learned something
+    assert orthogonality_error(p) <= 1e-5
+    torch.testing.assert_close(p(x), x @ p.weight.mT, atol=1e-4, rtol=1e-4)
+
+
+def test_projection_preserves_gram_matrix():
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    for method in ORTHOGONAL_METHODS:
+        p = vkd.OrthogonalProjector(64, 100, method=method)
+        y = p(x).detach()
+        torch.testing.assert_close(y @ y.mT, x @ x.mT, atol=1e-4, rtol=1e-4)
+    y = vkd.LinearProjector(64, 100)(x).detach()
+    assert not torch.allclose(y @ y.mT, x @ x.mT, atol=1e-1)
+
+
+def test_stiefel_matches_qr_factor():
+    torch.manual_seed(0)
+    p = vkd.OrthogonalProjector(48, 200)
+    with torch.no_grad():
+        p.free.copy_(torch.randn(200, 48))
+    q, r = torch.linalg.qr(p.free.detach().double())
+    q = q * torch.sign(torch.diagonal(r))
+    torch.testing.assert_close(p.weight.detach().double(), q, atol=1e-5, rtol=0)
+
+
+def test_exp_is_paper_recipe():
+    torch.manual_seed(0)
+    p = vkd.OrthogonalProjector(8, 20, method="exp")
+    a = p.free.detach()
+    torch.testing.assert_close(p.weight.detach(), torch.linalg.matrix_exp(a - a.T)[:, :8])
+
+
+def test_gradients_match_finite_differences():
+    """Our parametrisations; "householder" is torch's own and tested there."""
+    torch.manual_seed(0)
+    for method in ("stiefel", "exp", "cayley"):
+        p = vkd.OrthogonalProjector(4, 9, method=method).double()
+        x = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
+        params = [q for q in p.parameters()]
+        assert torch.autograd.gradcheck(lambda x_, *ps: p(x_), (x, *params), eps=1e-6, atol=1e-5), method
+
+
+@pytest.mark.parametrize("method", ["stiefel", "cayley"])
+def test_retract_keeps_function_and_conditions_free_parameters(method):
+    torch.manual_seed(0)
+    p = vkd.OrthogonalProjector(64, 512, method=method)
+    opt = torch.optim.Adam(p.parameters(), lr=1e-2)
+    x, target = torch.randn(128, 64), torch.randn(128, 512)
+    for _ in range(50):
+        opt.zero_grad()
+        (p(x) - target).square().mean().backward()
+        opt.step()
+    before = p(x).detach()
+    vkd.retract_(nn.Sequential(p))
+    torch.testing.assert_close(p(x).detach(), before, atol=1e-5, rtol=1e-5)
+    if method == "stiefel":
+        assert torch.linalg.cond(p.free.detach()).item() < 1 + 1e-4
+    else:
+        assert p.free.abs().max().item() == 0
+    assert orthogonality_error(p) <= 1e-5
+
+
+def test_tokens_and_leading_dims():
+    p = vkd.OrthogonalProjector(16, 32)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(p(x), x @ p.weight.mT, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_shapes_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"in_dim <= out_dim.*in_dim=64, out_dim=32"):
+        vkd.OrthogonalProjector(64, 32)
+    with pytest.raises(ValueError, match="unknown orthogonal method 'qr'"):
+        vkd.OrthogonalProjector(4, 8, method="qr")
+    with pytest.raises(ValueError, match=r"expected inputs \(\.\.\., 4\), got \(3, 5\)"):
+        vkd.OrthogonalProjector(4, 8)(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="unknown projector"):
+        vkd.build_projector("conv", 4, 8)
+
+
+def test_other_projectors_shapes():
+    x = torch.randn(6, 16)
+    assert vkd.build_projector("linear", 16, 40)(x).shape == (6, 40)
+    mlp = vkd.build_projector("mlp", 16, 40, hidden=64, layers=3)
+    assert mlp(x).shape == (6, 40)
+    assert sum(isinstance(m, nn.Linear) for m in mlp) == 3
+    assert mlp(torch.randn(2, 3, 16)).shape == (2, 3, 40)
+    ens = vkd.build_projector("ensemble", 16, 40, members=4, hidden=32)
+    assert ens(x).shape == (6, 40) and len(ens.members) == 4
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in ens.members]).mean(0))

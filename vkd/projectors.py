@@ -1,0 +1,211 @@
+"""Projectors that map student features (..., d_s) to the teacher's width (..., d_t).
+
+The orthogonal projector is the core of VkD: a matrix P (d_t x d_s) with orthonormal columns
+(Pᵀ P = I), a point on the Stiefel manifold, so that the projected student keeps every pairwise
+inner product of the student features.  Four exact parametrisations are offered:
+
+``"stiefel"`` (default)
+    P = W L⁻ᵀ with WᵀW = L Lᵀ (Cholesky), i.e. P is the Q factor of the QR decomposition of a free
+    W (d_t x d_s) -- the QR retraction.  The forward pass never forms P: it computes (x L⁻¹) Wᵀ, so the only extra work over a linear layer is the Gram matrix WᵀW (cost d_t·d_s²)
+    and d_s x d_s triangular algebra.
+``"exp"``
+    The paper's recipe: P = matrix_exp(A - Aᵀ)[:, :d_s] of a free d_t x d_t matrix A (cost d_t³;
+    evaluated in float64, as float32 loses orthogonality beyond 1e-5 once A grows in training).
+``"cayley"``
+    The Cayley transform of the Stiefel manifold, P = (I - K/2)⁻¹ (I + K/2) X₀, with the skew
+    K = C X₀ᵀ - X₀ Cᵀ of rank 2·d_s built from a free C (d_t x d_s) and a fixed orthonormal base
+    point X₀.  Woodbury's identity reduces the d_t x d_t inverse to a 2·d_s x 2·d_s solve.
+``"householder"``
+    ``torch.nn.utils.parametrizations.orthogonal`` (a product of Householder reflections), the
+    parametrisation of the authors' released code.
+
+Every orthogonal projector exposes ``.weight`` (d_t x d_s) with weightᵀ·weight = I.  A map with
+orthonormal columns cannot reduce the width, so ``in_dim > out_dim`` raises ``ValueError``.
+
+``"stiefel"`` and ``"cayley"`` have redundant free parameters (W and W·T give the same P for any
+upper-triangular T with positive diagonal; X₀ and C can be re-based).  Optimisers such as Adam
+drift along those directions, which slowly worsens the conditioning of WᵀW and with it the
+float32 rounding of P.  ``retract_(module)`` resets every orthogonal projector in ``module`` to the
+canonical representative of the same P (W ← P; X₀ ← P, C ← 0) -- the outputs do not change.  The
+vkd engine calls it after every optimiser step; call it likewise in your own loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations
+
+ORTHOGONAL_METHODS = ("stiefel", "exp", "cayley", "householder")
+PROJECTORS = ("linear", "mlp", "ensemble", "orthogonal")
+
+
+def random_orthonormal(rows: int, cols: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Haar-random (rows x cols) matrix with orthonormal columns (rows >= cols)."""
+    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class _Gram(torch.autograd.Function):
+    """G = WᵀW with the one-matmul backward dW = W (dG + dGᵀ)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return weight.mT @ weight
+
+    @staticmethod
+    def backward(ctx, grad_gram: torch.Tensor) -> torch.Tensor:
+        (weight,) = ctx.saved_tensors
+        return weight @ (grad_gram + grad_gram.mT)
+
+
+class LinearProjector(nn.Linear):
+    """A plain linear map d_s -> d_t (bias off by default: a normalisation usually follows)."""
+
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = False):
+        super().__init__(in_dim, out_dim, bias=bias)
+
+
+class MLPProjector(nn.Sequential):
+    """``layers`` linear layers, hidden width ``hidden``, BatchNorm + ReLU between them."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 1024, layers: int = 2):
+        if layers < 1:
+            raise ValueError(f"MLPProjector needs layers >= 1, got {layers}")
+        widths = [in_dim] + [hidden] * (layers - 1) + [out_dim]
+        modules: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            modules.append(nn.Linear(a, b))
+            if i < layers - 1:
+                modules += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        super().__init__(*modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:  # BatchNorm1d wants (B, C): fold any leading dims into the batch
+            return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+        return super().forward(x)
+
+
+class EnsembleProjector(nn.Module):
+    """The mean of ``members`` independently initialised MLP projectors (Chen et al., 2022)."""
+
+    def __init__(self, in_dim: int, out_dim: int, members: int = 3, hidden: int = 1024, layers: int = 2):
+        super().__init__()
+        self.members = nn.ModuleList(MLPProjector(in_dim, out_dim, hidden, layers) for _ in range(members))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+class OrthogonalProjector(nn.Module):
+    """x (..., in_dim) -> x Pᵀ (..., out_dim) with P (out_dim x in_dim), PᵀP = I.
+
+    ``method`` picks the parametrisation (see the module docstring); all start from a random
+    orthonormal P except ``"exp"``, which follows the paper (a free matrix with nn.Linear's init).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, method: str = "stiefel"):
+        super().__init__()
+        if in_dim > out_dim:
+            raise ValueError(
+                f"OrthogonalProjector maps to a space at least as wide: expected in_dim <= out_dim, "
+                f"got in_dim={in_dim}, out_dim={out_dim}. Use LinearProjector to reduce the width."
+            )
+        if method not in ORTHOGONAL_METHODS:
+            raise ValueError(f"unknown orthogonal method {method!r}; expected one of {ORTHOGONAL_METHODS}")
+        self.in_dim, self.out_dim, self.method = in_dim, out_dim, method
+        if method == "stiefel":
+            self.free = nn.Parameter(random_orthonormal(out_dim, in_dim))
+        elif method == "exp":
+            self.free = nn.Parameter(torch.empty(out_dim, out_dim))
+            nn.init.kaiming_uniform_(self.free, a=5**0.5)
+        elif method == "cayley":
+            self.free = nn.Parameter(torch.zeros(out_dim, in_dim))
+            self.register_buffer("base", random_orthonormal(out_dim, in_dim))
+        else:
+            linear = nn.Linear(in_dim, out_dim, bias=False)
+            with torch.no_grad():
+                linear.weight.copy_(random_orthonormal(out_dim, in_dim))
+            self.householder = parametrizations.orthogonal(linear, orthogonal_map="householder")
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}, method={self.method!r}"
+
+    def _cholesky_of_gram(self) -> torch.Tensor:
+        gram = _Gram.apply(_at_least_float32(self.free))
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if chol.device.type == "cpu" and info.item() != 0:  # on GPU a failure shows as NaN, without a sync
+            raise FloatingPointError(
+                "OrthogonalProjector('stiefel'): the free matrix lost full column rank "
+                "(Cholesky of WᵀW failed); lower the learning rate of the projector."
+            )
+        return chol
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """P (out_dim x in_dim) with orthonormal columns."""
+        if self.method == "stiefel":
+            chol = self._cholesky_of_gram()
+            return torch.linalg.solve_triangular(chol.mT, _at_least_float32(self.free), upper=True, left=False)
+        if self.method == "exp":
+            skew = (self.free - self.free.mT).double()  # float32 expm drifts past 1e-5 once |A| grows
+            return torch.linalg.matrix_exp(skew)[:, : self.in_dim].to(self.free.dtype)
+        if self.method == "cayley":
+            return self._cayley()
+        return self.householder.weight
+
+    def _cayley(self) -> torch.Tensor:
+        # K = U J Uᵀ with U = [C, X₀] (d_t x 2k), J = [[0, I], [-I, 0]].
+        # Cay(K) X₀ = 2 (I - K/2)⁻¹ X₀ - X₀ = X₀ + U (I - J UᵀU / 2)⁻¹ J Uᵀ X₀   (Woodbury)
+        k, c, x0 = self.in_dim, self.free, self.base
+        u = torch.cat([c, x0], dim=1)
+        eye_k = torch.eye(k, dtype=c.dtype, device=c.device)
+        zero_k = torch.zeros_like(eye_k)
+        j = torch.cat([torch.cat([zero_k, eye_k], 1), torch.cat([-eye_k, zero_k], 1)], 0)
+        system = torch.eye(2 * k, dtype=c.dtype, device=c.device) - 0.5 * j @ (u.mT @ u)
+        rhs = j @ torch.cat([c.mT @ x0, eye_k], dim=0)
+        return x0 + u @ torch.linalg.solve(system, rhs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f"OrthogonalProjector expected inputs (..., {self.in_dim}), got {tuple(x.shape)}")
+        if self.method == "stiefel":  # P = W L⁻ᵀ, so x Pᵀ = (x L⁻¹) Wᵀ without forming P
+            chol = self._cholesky_of_gram()
+            flat = _at_least_float32(x.reshape(-1, self.in_dim))
+            z = torch.linalg.solve_triangular(chol, flat, upper=False, left=False).to(x.dtype)
+            return F.linear(z, self.free.to(x.dtype)).reshape(*x.shape[:-1], self.out_dim)
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+@torch.no_grad()
+def retract_(module: nn.Module) -> None:
+    """Re-express every orthogonal projector inside ``module`` by its canonical free parameters.
+
+    P, and so every output, is unchanged; only the redundant directions are reset (see module doc)."""
+    for sub in module.modules():
+        if isinstance(sub, OrthogonalProjector) and sub.method in ("stiefel", "cayley"):
+            weight = sub.weight.to(sub.free.dtype)
+            if sub.method == "stiefel":
+                sub.free.copy_(weight)
+            else:
+                sub.base.copy_(weight)
+                sub.free.zero_()
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int, **options) -> nn.Module:
+    """Factory: ``kind`` in PROJECTORS; ``options`` go to the class (hidden, layers, members, method)."""
+    classes = {
+        "linear": LinearProjector,
+        "mlp": MLPProjector,
+        "ensemble": EnsembleProjector,
+        "orthogonal": OrthogonalProjector,
+    }
+    if kind not in classes:
+        raise ValueError(f"unknown projector {kind!r}; expected one of {PROJECTORS}")
+    return classes[kind](in_dim, out_dim, **options)

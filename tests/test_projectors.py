@@ -89,7 +89,7 @@ def test_gradients_match_finite_differences():
         p = vkd.OrthogonalProjector(4, 9, method=method).double()
         x = torch.randn(5, 4, dtype=torch.double, requires_grad=True)
         params = [q for q in p.parameters()]
-        assert torch.autograd.gradcheck(lambda x_, *ps: p(x_), (x, *params), eps=1e-6, atol=1e-5), method
+        assert torch.autograd.gradcheck(lambda x_, *ps, p=p: p(x_), (x, *params), eps=1e-6, atol=1e-5), method
 
 
 @pytest.mark.parametrize("method", ["stiefel", "cayley"])
@@ -139,3 +139,13 @@ def test_other_projectors_shapes():
     ens = vkd.build_projector("ensemble", 16, 40, members=4, hidden=32)
     assert ens(x).shape == (6, 40) and len(ens.members) == 4
     torch.testing.assert_close(ens(x), torch.stack([m(x) for m in ens.members]).mean(0))
+
+
+def test_bench_reports_every_method_against_linear():
+    from vkd.bench import bench_projectors
+
+    table = bench_projectors([8], [16, 32], batch=4, reps=2)
+    assert set(table.method) == {"linear", *ORTHOGONAL_METHODS}
+    assert len(table) == 2 * (1 + len(ORTHOGONAL_METHODS))
+    assert (table.loc[table.method == "linear", "ratio_to_linear"] == 1).all()
+    assert (table.loc[table.method != "linear", "orthogonality_error"] <= 1e-5).all()

@@ -9,8 +9,8 @@ Every loss returns its unweighted value; weights live with the method (see ``vkd
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

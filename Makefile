@@ -1,0 +1,29 @@
+# Every target sets up .venv itself (Python 3.10+, CPU PyTorch pinned below), then does its job.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= quick
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup test reproduce lab bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup  ## unit tests + every notebook in the smoke profile
+	$(PY) -m pytest
+
+reproduce: setup  ## every notebook with PROFILE (quick: figures/ on a laptop CPU)
+	$(PY) -m vkd reproduce --profile $(PROFILE)
+
+lab: setup  ## JupyterLab on notebooks/ (open the .py files as notebooks)
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: setup  ## projector cost vs nn.Linear
+	$(PY) -m vkd bench projectors

@@ -1,0 +1,51 @@
+"""Every notebook end to end in the smoke profile, and the runner's parameter and failure handling."""
+
+import subprocess
+import sys
+
+import pytest
+
+from vkd.notebooks import NotebookError, list_notebooks, run_notebook
+
+NOTEBOOKS = list_notebooks()
+
+
+def test_there_are_notebooks():
+    assert [p.stem[:2] for p in NOTEBOOKS][:1] == ["00"]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_in_smoke_profile(notebook, tmp_path):
+    executed = run_notebook(notebook, "smoke", {"figures_dir": str(tmp_path / "figures")}, output_dir=tmp_path)
+    assert executed.is_file()
+    assert any((tmp_path / "figures").glob("*.png")), "the notebook wrote no figure"
+    assert any((tmp_path / "figures").glob("*.csv")), "the notebook wrote no table"
+
+
+def test_unknown_parameter_is_refused_with_the_declared_names(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "vkd", "run", "00", "--output-dir", str(tmp_path), "-p", "bogus_name", "1"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    assert "declares no parameter 'bogus_name'" in result.stderr
+    assert "its parameters are: batch, figures_dir" in result.stderr
+    assert not list(tmp_path.glob("*.ipynb"))  # refused before running
+
+
+def test_failing_cell_is_reported(tmp_path):
+    notebook = tmp_path / "99_broken.py"
+    notebook.write_text(
+        '# %% tags=["parameters"]\nprofile = "smoke"\nfigures_dir = "x"\n\n'
+        "# %%\nx = 1\n\n# %%\nraise KeyError('missing-thing')\n"
+    )
+    with pytest.raises(NotebookError, match=r"99_broken.py \(smoke\) failed in cell \d+ .*KeyError.*missing-thing"):
+        run_notebook(notebook, "smoke", output_dir=tmp_path)
+    assert (tmp_path / "99_broken.smoke.ipynb").is_file()
+
+
+def test_unknown_notebook_and_profile():
+    with pytest.raises(NotebookError, match="no notebook 'nope'; the notebooks are: 00_orthogonal_projections"):
+        run_notebook("nope")
+    with pytest.raises(NotebookError, match="no profile 'huge'"):
+        run_notebook("00", "huge")

@@ -1,0 +1,204 @@
+"""Datasets: CIFAR-10/100 (torchvision, or the CIFAR-10 JPEG archive), ImageNet-style ImageFolders,
+stratified fractions, and a tensor-resident loader that augments on the device.
+
+Small datasets (CIFAR) are decoded once into a uint8 tensor (N, 3, 32, 32), cached under ``data/``,
+and served by :class:`TensorLoader`, which does the standard CIFAR augmentation (random crop with
+4-pixel padding, horizontal flip) with tensor ops on CPU or GPU -- no per-image Python work, so small
+models are not starved by the loader.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision import datasets, transforms
+from tqdm.auto import tqdm
+
+from .paths import resolve
+
+ARCHIVE_ENV = "VKD_CIFAR10_ARCHIVE"
+ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
+DATASETS = ("cifar10", "cifar10-jpeg", "cifar100")
+STATS = {  # per-dataset channel mean / std of the training images (the standard CRD / mdistiller values)
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+NUM_CLASSES = {"cifar10": 10, "cifar10-jpeg": 10, "cifar100": 100}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset is not where vkd looked; the message says where it looked and how to provide it."""
+
+
+def _archive_candidates(root: Path) -> list[Path]:
+    env = os.environ.get(ARCHIVE_ENV)
+    return ([Path(env).expanduser()] if env else []) + [root / ARCHIVE_NAME]
+
+
+def cifar10_jpeg_dir(root: str | Path = "data") -> Path:
+    """``root/cifar10`` with train/ and test/ ImageFolders, extracted once from the JPEG archive.
+
+    The archive is taken from ``$VKD_CIFAR10_ARCHIVE`` or ``root/cifar10-jpeg.tar.gz``."""
+    root = resolve(root)
+    target = root / "cifar10"
+    if (target / "train").is_dir() and (target / "test").is_dir():
+        return target
+    archive = next((p for p in _archive_candidates(root) if p.is_file()), None)
+    if archive is None:
+        looked = ", ".join(str(p) for p in [target, *_archive_candidates(root)])
+        raise DataNotFoundError(
+            f"CIFAR-10 (JPEG) not found; looked in: {looked}. Put {ARCHIVE_NAME} in {root} or set "
+            f"{ARCHIVE_ENV}=/path/to/{ARCHIVE_NAME}; or use dataset 'cifar10' with download=True when online."
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp, tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+        extracted = next(Path(tmp).rglob("train")).parent
+        if not target.exists():  # another process may have finished first
+            shutil.move(str(extracted), target)
+    return target
+
+
+def image_dataset(name: str, split: str, root: str | Path = "data", download: bool = False, transform=None):
+    """The torchvision dataset ``name`` (DATASETS) for ``split`` ("train" or "test")."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = resolve(root)
+    if name == "cifar10-jpeg":
+        return datasets.ImageFolder(cifar10_jpeg_dir(root) / split, transform=transform)
+    if name in ("cifar10", "cifar100"):
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        try:
+            return cls(root, train=split == "train", download=download, transform=transform)
+        except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+            raise DataNotFoundError(
+                f"{name} not found in {root} ({error}). Pass download=True when online, or use "
+                f"'cifar10-jpeg' with the offline archive (see data/README.md)."
+            ) from None
+    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS} (or use imagefolder())")
+
+
+def imagefolder(path: str | Path, split: str, transform=None) -> datasets.ImageFolder:
+    """An ImageNet-style ``path/<split>/<class>/*.JPEG`` folder."""
+    folder = resolve(path) / split
+    if not folder.is_dir():
+        raise DataNotFoundError(
+            f"no ImageFolder at {folder}: expected {folder}/<class name>/<images>, e.g. ImageNet's train/ and val/ "
+            f"with one folder per class"
+        )
+    return datasets.ImageFolder(folder, transform=transform)
+
+
+def stratified_indices(targets, fraction: float, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a class-stratified random ``fraction`` of the samples (at least one per class)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(targets):
+        members = np.flatnonzero(targets == label)
+        count = max(1, int(round(fraction * len(members))))
+        chosen.append(rng.choice(members, count, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def cifar_train_transform(mean, std) -> transforms.Compose:
+    """The standard CIFAR augmentation for PIL images: RandomCrop(32, padding 4), flip, normalise."""
+    return transforms.Compose([
+        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+@dataclass
+class TensorData:
+    """A whole image dataset as tensors: ``images`` uint8 (N, 3, H, W), ``labels`` int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+
+    def subset(self, indices) -> TensorData:
+        index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return TensorData(self.images[index], self.labels[index], self.classes)
+
+
+def load_tensor_data(name: str, split: str, root: str | Path = "data", download: bool = False) -> TensorData:
+    """Decode dataset ``name`` once into uint8 tensors, cached as ``root/<name>-<split>.pt``."""
+    root = resolve(root)
+    cache = root / f"{name}-{split}.pt"
+    if cache.is_file():
+        return TensorData(**torch.load(cache))
+    dataset = image_dataset(name, split, root, download)
+    if isinstance(dataset, datasets.ImageFolder):
+        images = np.stack([np.asarray(dataset.loader(path).convert("RGB")) for path, _ in
+                           tqdm(dataset.samples, desc=f"decoding {name} {split}", mininterval=5)])
+        labels = np.asarray(dataset.targets)
+    else:
+        images, labels = np.asarray(dataset.data), np.asarray(dataset.targets)
+    data = TensorData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                      torch.from_numpy(labels).long(), list(dataset.classes))
+    root.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(".tmp")
+    torch.save(vars(data), partial)
+    partial.replace(cache)
+    return data
+
+
+class TensorLoader:
+    """Batches of normalised float images from a :class:`TensorData`, augmented on ``device``.
+
+    ``augment=True``: random crop with zero padding ``pad`` and horizontal flip, drawn per sample from
+    a generator seeded with (seed, epoch), so an epoch's batches are reproducible (exact resume)."""
+
+    def __init__(self, data: TensorData, batch_size: int, mean, std, train: bool, device: str | torch.device = "cpu",
+                 pad: int = 4, seed: int = 0, drop_last: bool | None = None):
+        self.device = torch.device(device)
+        self.images, self.labels = data.images.to(self.device), data.labels.to(self.device)
+        self.batch_size, self.train, self.pad, self.seed = batch_size, train, pad, seed
+        self.drop_last = train if drop_last is None else drop_last
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = images.shape
+        padded = F.pad(images, (self.pad,) * 4)
+        dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator).to(self.device)
+        dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator).to(self.device)
+        flip = (torch.rand(n, generator=generator) < 0.5).to(self.device)
+        rows = (dy[:, None] + torch.arange(h, device=self.device)).view(n, 1, h, 1)
+        cols = torch.arange(w, device=self.device).expand(n, w)
+        cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
+        batch = torch.arange(n, device=self.device).view(n, 1, 1, 1)
+        channel = torch.arange(images.shape[1], device=self.device).view(1, -1, 1, 1)
+        return padded[batch, channel, rows, cols.view(n, 1, 1, w)]
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=generator).to(self.device) if self.train else torch.arange(
+            n, device=self.device)
+        for i in range(len(self)):
+            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            images = self.images[index].float()
+            if self.train:
+                images = self._augment(images, generator)
+            yield (images - self.mean) / self.std, self.labels[index]

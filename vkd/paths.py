@@ -1,0 +1,30 @@
+"""Where the project's folders are, wherever a notebook or command is started from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: the working directory) holding vkd's pyproject.toml.
+
+    Falls back to the checkout this package was imported from, then to the working directory."""
+    here = Path.cwd() if start is None else Path(start)
+    for folder in (here.resolve(), *here.resolve().parents, Path(__file__).resolve().parents[1]):
+        marker = folder / "pyproject.toml"
+        if marker.is_file() and 'name = "vkd"' in marker.read_text():
+            return folder
+    return here.resolve()
+
+
+def resolve(path: str | Path) -> Path:
+    """A path relative to the project root (absolute paths pass through)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else project_root() / path
+
+
+def output_dir(path: str | Path) -> Path:
+    """``resolve(path)``, created if missing (figures, runs)."""
+    folder = resolve(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

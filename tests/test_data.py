@@ -1,31 +1,12 @@
-import tarfile
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from vkd import data
 
 
-def make_archive(tmp_path, per_class=3, classes=("cat", "dog")):
-    """A tiny cifar10-jpeg-style archive: cifar10/{train,test}/<class>/NNNN.jpg."""
-    source = tmp_path / "src" / "cifar10"
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in classes:
-            folder = source / split / c
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:04d}.jpg")
-    archive = tmp_path / "tiny-cifar10-jpeg.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(source, arcname="cifar10")
-    return archive
-
-
-def test_archive_is_extracted_once_and_decoded_to_tensors(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.ARCHIVE_ENV, str(make_archive(tmp_path)))
+def test_archive_is_extracted_once_and_decoded_to_tensors(tmp_path, monkeypatch, tiny_archive):
+    monkeypatch.setenv(data.ARCHIVE_ENV, str(tiny_archive))
     root = tmp_path / "data"
     folder = data.cifar10_jpeg_dir(root)
     assert sorted(p.name for p in (folder / "train").iterdir()) == ["cat", "dog"]
@@ -66,13 +47,14 @@ def test_tensor_loader_crops_and_flips_like_the_standard_augmentation():
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
     tensors = data.TensorData(images, torch.arange(16), [str(i) for i in range(16)])
     loader = data.TensorLoader(tensors, 16, (0, 0, 0), (1 / 255,) * 3, train=True, pad=2, seed=1)
-    (batch, labels), = list(loader)
+    (batch, labels, index), = list(loader)
+    assert torch.equal(index, labels)  # labels here are the sample positions
     padded = torch.nn.functional.pad(images.float(), (2, 2, 2, 2))
     for image, label in zip(batch, labels, strict=True):
         views = [padded[label, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
         views += [v.flip(-1) for v in views]
         assert any(torch.equal(image, v) for v in views)
-    again, _ = next(iter(loader))
+    again = next(iter(loader))[0]
     assert torch.equal(again, batch)  # same epoch, same draws
     loader.set_epoch(1)
     assert not torch.equal(next(iter(loader))[0], batch)
@@ -82,5 +64,5 @@ def test_tensor_loader_eval_is_plain_normalisation():
     images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
     loader = data.TensorLoader(data.TensorData(images, torch.arange(5), []), 2, (0.5,) * 3, (0.25,) * 3, train=False)
     batches = list(loader)
-    assert len(loader) == 3 and [len(b[1]) for b in batches] == [2, 2, 1]
+    assert len(loader) == 3 and [b[2].tolist() for b in batches] == [[0, 1], [2, 3], [4]]
     torch.testing.assert_close(batches[0][0], (images[:2].float() / 255 - 0.5) / 0.25)

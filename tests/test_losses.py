@@ -85,8 +85,11 @@ def test_fitnet_maps_and_vectors():
     torch.manual_seed(0)
     loss = vkd.FitNetLoss(4, 6)
     z_s, z_t = torch.randn(2, 4, 3, 3), torch.randn(2, 6, 3, 3)
-    w = loss.regressor.weight.detach().flatten(1)
-    expected = ((torch.einsum("oc,bchw->bohw", w, z_s) - z_t) ** 2).mean()
+    w = loss.conv.weight.detach().flatten(1)
+    regressed = torch.einsum("oc,bchw->bohw", w, z_s)
+    mean, var = regressed.mean((0, 2, 3), keepdim=True), regressed.var((0, 2, 3), unbiased=False, keepdim=True)
+    regressed = torch.relu((regressed - mean) / torch.sqrt(var + 1e-5))  # ConvReg: conv, BatchNorm, ReLU
+    expected = ((regressed - z_t) ** 2).mean()
     assert loss(z_s, z_t).item() == pytest.approx(expected.item(), rel=1e-5)
     v_s, v_t = torch.randn(2, 4), torch.randn(2, 6)
     assert loss(v_s, v_t).item() == pytest.approx(((v_s @ w.T - v_t) ** 2).mean().item(), rel=1e-5)
@@ -112,3 +115,15 @@ def test_logit_losses_reject_mismatched_logits():
         vkd.KDLoss()(torch.randn(4, 10), torch.randn(4, 100))
     with pytest.raises(ValueError, match=r"targets of shape \(4,\)"):
         vkd.DKDLoss()(torch.randn(4, 10), torch.randn(4, 10), torch.zeros(3, dtype=torch.long))
+
+
+def test_srd_ablation_options():
+    torch.manual_seed(0)
+    z_s, z_t = torch.randn(16, 8), torch.randn(16, 12)
+    plain = vkd.SRDLoss(8, 12, norm="none", distance="mse")
+    assert plain(z_s, z_t).item() == pytest.approx(((plain.projector(z_s).detach() - z_t) ** 2).mean().item())
+    l2 = vkd.SRDLoss(8, 12, norm="l2", distance="mse")
+    s, t = F.normalize(l2.projector(z_s).detach(), dim=1), F.normalize(z_t, dim=1)
+    assert l2(z_s, z_t).item() == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="correlation variant is defined with batchnorm and logsum"):
+        vkd.SRDLoss(8, 12, variant="correlation", norm="l2")

@@ -15,16 +15,27 @@ def test_parameter_counts_match_the_standard_definitions(name, count):
     assert sum(p.numel() for p in model.parameters()) == count
 
 
+SPATIAL = {"mobilenetv2_cifar": 2, "resnet50_cifar": 4}
+WIDTH = {"mobilenetv2_cifar": 1280, "resnet50_cifar": 2048, "resnet8x4": 256, "resnet32x4": 256, "wrn_40_2": 128}
+
+
 @pytest.mark.parametrize("name", CIFAR_MODELS)
 def test_uniform_feature_interface(name):
-    model = timm.create_model(name, num_classes=10).eval()
+    model = timm.create_model(name, num_classes=10, **({"depth": 2} if "deit" in name else {})).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        feature_map = model.forward_features(x)
-        pooled = model.forward_head(feature_map, pre_logits=True)
+        features = model.forward_features(x)
+        pooled = model.forward_head(features, pre_logits=True)
         logits = model(x)
-    assert feature_map.shape == (2, model.num_features, 8, 8)
-    assert pooled.shape == (2, model.num_features)
+        distilled = vkd.models.distillation_features(model, features)
+    d = model.num_features
+    if "deit" in name:  # class token + 64 patch tokens; distillation sees the patch tokens only
+        assert features.shape == (2, 65, d) and distilled.shape == (2, 64, d)
+    else:
+        side = SPATIAL.get(name, 8)
+        assert features.shape == (2, d, side, side) and distilled is features
+    assert d == WIDTH.get(name, d)
+    assert pooled.shape == (2, d)
     torch.testing.assert_close(logits, model.get_classifier()(pooled))
     assert logits.shape == (2, 10)
 

@@ -149,3 +149,15 @@ def test_bench_reports_every_method_against_linear():
     assert len(table) == 2 * (1 + len(ORTHOGONAL_METHODS))
     assert (table.loc[table.method == "linear", "ratio_to_linear"] == 1).all()
     assert (table.loc[table.method != "linear", "orthogonality_error"] <= 1e-5).all()
+
+
+@pytest.mark.parametrize("method", ORTHOGONAL_METHODS)
+def test_autocast_keeps_the_projection_exact(method):
+    """Under bf16 autocast the projector still computes in float32 (a bf16 Gram would break PᵀP = I)."""
+    torch.manual_seed(0)
+    p = vkd.OrthogonalProjector(16, 48, method=method)
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = p(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, x @ p.weight.mT, atol=1e-5, rtol=1e-5)

@@ -74,3 +74,35 @@ def bench_projectors(
                     )
                 )
     return pd.DataFrame(rows)
+
+
+def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str = "vkd", batch: int = 64,
+                steps: int = 20, num_classes: int = 10, seed: int = 0) -> pd.DataFrame:
+    """Training-step throughput (images/s) of the student alone, and with ``method`` distilling from
+    ``teacher`` with teacher outputs from the cache (steady state) and computed on the fly."""
+    import timm
+
+    from .distillers import Distiller, MethodConfig
+    from .engine import train_step
+
+    torch.manual_seed(seed)
+    images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, num_classes, (batch,))
+    frozen = timm.create_model(teacher, num_classes=num_classes)
+    setups = {
+        "student alone (ce)": Distiller(timm.create_model(student, num_classes=num_classes), None,
+                                        MethodConfig.for_method("ce")),
+        f"{method}, cached teacher": Distiller(timm.create_model(student, num_classes=num_classes), frozen,
+                                               MethodConfig.for_method(method)),
+        f"{method}, teacher on the fly": Distiller(timm.create_model(student, num_classes=num_classes), frozen,
+                                                   MethodConfig.for_method(method)),
+    }
+    cached = setups[f"{method}, cached teacher"].teacher_outputs(images, pooled=True)  # as TeacherCache returns
+    steps_by_name = {}
+    for name, distiller in setups.items():
+        optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01, momentum=0.9)
+        outputs = cached if "cached" in name else None
+        steps_by_name[name] = (lambda d=distiller, o=optimizer, t=outputs: train_step(d, o, images, labels, 0, t))
+    seconds = time_interleaved(steps_by_name, reps=steps)
+    base = seconds["student alone (ce)"]
+    return pd.DataFrame([{"setup": name, "images_per_s": batch / s, "time_vs_student_alone": s / base}
+                         for name, s in seconds.items()])

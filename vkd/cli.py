@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     projectors.add_argument("--batch", type=int, default=256)
     projectors.add_argument("--reps", type=int, default=20)
 
+    training = bench_kind.add_parser("train", help="student alone vs student + teacher + distillation")
+    training.add_argument("--student", default="resnet8")
+    training.add_argument("--teacher", default="resnet20")
+    training.add_argument("--method", default="vkd")
+    training.add_argument("--batch", type=int, default=64)
+    training.add_argument("--steps", type=int, default=20)
+
     args = parser.parse_args(argv)
     if args.command in ("run", "reproduce"):
         from .notebooks import NotebookError, list_notebooks, run_notebook
@@ -58,5 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         table = bench_projectors(args.student_dims, args.teacher_dims, args.methods or ORTHOGONAL_METHODS,
                                  args.batch, args.reps)
         print(f"forward+backward, batch {args.batch}, float32, {torch.get_num_threads()} CPU threads")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if args.what == "train":
+        import torch
+
+        from .bench import bench_train
+
+        table = bench_train(args.student, args.teacher, args.method, args.batch, args.steps)
+        print(f"training steps of {args.student} (teacher {args.teacher}), batch {args.batch}, 32 px, "
+              f"{torch.get_num_threads()} CPU threads")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0

@@ -156,8 +156,9 @@ def load_tensor_data(name: str, split: str, root: str | Path = "data", download:
 
 
 class TensorLoader:
-    """Batches of normalised float images from a :class:`TensorData`, augmented on ``device``.
+    """Batches ``(images, labels, indices)`` from a :class:`TensorData`, normalised and augmented on ``device``.
 
+    ``indices`` (B,) are the samples' positions in the data (for per-sample caches).
     ``augment=True``: random crop with zero padding ``pad`` and horizontal flip, drawn per sample from
     a generator seeded with (seed, epoch), so an epoch's batches are reproducible (exact resume)."""
 
@@ -201,4 +202,4 @@ class TensorLoader:
             images = self.images[index].float()
             if self.train:
                 images = self._augment(images, generator)
-            yield (images - self.mean) / self.std, self.labels[index]
+            yield (images - self.mean) / self.std, self.labels[index], index

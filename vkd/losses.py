@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .normalization import batch_normalize, get_normalization
+from .normalization import get_normalization
 from .projectors import build_projector
 
 DISTANCES = ("mse", "smooth_l1", "logsum")
@@ -103,6 +103,8 @@ class SRDLoss(nn.Module):
     ``variant="elementwise"``: log Σ_{b,k} |BN(Z_s W)_{bk} - BN(Z_t)_{bk}|^α.
     ``variant="correlation"`` (the released DeiT code): c_k = mean_b BN(Z_s W)_{bk} BN(Z_t)_{bk},
     loss log(Σ_k |c_k - 1|^α + 1e-5).  BN: batch statistics, no affine, eps 1e-4.
+    ``norm`` and ``distance`` swap the normalisation of both sides and the distance of the
+    element-wise variant, for paper B's ablations (e.g. norm="none", distance="mse").
     """
 
     def __init__(
@@ -114,22 +116,28 @@ class SRDLoss(nn.Module):
         variant: str = "elementwise",
         eps: float = 1e-4,
         projector_options: dict | None = None,
+        norm: str = "batchnorm",
+        distance: str = "logsum",
     ):
         super().__init__()
         if variant not in ("elementwise", "correlation"):
             raise ValueError(f"unknown SRD variant {variant!r}; expected 'elementwise' or 'correlation'")
+        if variant == "correlation" and (norm, distance) != ("batchnorm", "logsum"):
+            raise ValueError(f"the correlation variant is defined with batchnorm and logsum, got {norm!r}, "
+                             f"{distance!r}")
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
-        self.alpha, self.variant, self.eps = alpha, variant, eps
+        self.alpha, self.variant = alpha, variant
         self.projector = build_projector(projector, student_dim, teacher_dim, **(projector_options or {}))
+        self.norm = get_normalization(norm, **({"eps": eps} if norm in ("batchnorm", "layernorm") else {}))
+        self.distance = get_distance(distance, **({"alpha": alpha} if distance == "logsum" else {}))
 
     def forward(self, z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
         s = pool_features(z_s, self.student_dim, "SRDLoss student")
         t = pool_features(z_t, self.teacher_dim, "SRDLoss teacher")
         _check_batches(s, t)
-        s = batch_normalize(self.projector(s).float(), self.eps)
-        t = batch_normalize(t.float(), self.eps)
+        s, t = self.norm(self.projector(s).float()), self.norm(t.float())
         if self.variant == "elementwise":
-            return logsum(s, t, self.alpha)
+            return self.distance(s, t)
         correlation = (s * t).mean(0)
         return ((correlation - 1).abs().pow(self.alpha).sum() + 1e-5).log()
 
@@ -137,13 +145,15 @@ class SRDLoss(nn.Module):
 class FitNetLoss(nn.Module):
     """FitNet hint: MSE between a regressed student feature and the teacher feature.
 
-    Maps (B, d, H, W) keep their layout (1x1-conv regressor, equal H, W required); vectors and
-    tokens are pooled to (B, d) and regressed linearly."""
+    Maps (B, d, H, W) keep their layout, equal H, W required; the regressor is mdistiller's ConvReg
+    (1x1 conv, BatchNorm, ReLU -- without the BatchNorm a hint weight of 100 drives the student into
+    dead units).  Vectors and tokens are pooled to (B, d) and regressed by the conv's weight alone."""
 
     def __init__(self, student_dim: int, teacher_dim: int):
         super().__init__()
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
-        self.regressor = nn.Conv2d(student_dim, teacher_dim, kernel_size=1, bias=False)
+        self.conv = nn.Conv2d(student_dim, teacher_dim, kernel_size=1, bias=False)
+        self.regressor = nn.Sequential(self.conv, nn.BatchNorm2d(teacher_dim), nn.ReLU())
 
     def forward(self, z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
         if z_s.dim() == 4 and z_t.dim() == 4:
@@ -161,7 +171,7 @@ class FitNetLoss(nn.Module):
         s = pool_features(z_s, self.student_dim, "FitNetLoss student")
         t = pool_features(z_t, self.teacher_dim, "FitNetLoss teacher")
         _check_batches(s, t)
-        return mse(F.linear(s, self.regressor.weight.flatten(1)), t)
+        return mse(F.linear(s, self.conv.weight.flatten(1)), t)
 
 
 class KDLoss(nn.Module):

@@ -58,6 +58,12 @@ def load_profile(profile: str, stem: str) -> dict[str, Any]:
     return {"profile": profile, **(data.get("all") or {}), **(data.get(stem) or {})}
 
 
+def inspect_parameters(name: str | Path) -> dict[str, Any]:
+    """The parameters a notebook declares: name -> papermill's record (default, type, help)."""
+    path = find_notebook(name)
+    return _declared_parameters(jupytext.read(path), path)
+
+
 def _declared_parameters(notebook: nbformat.NotebookNode, path: Path) -> dict[str, Any]:
     if not any("parameters" in cell.get("metadata", {}).get("tags", []) for cell in notebook.cells):
         raise NotebookError(f"{path.name} has no cell tagged 'parameters'")

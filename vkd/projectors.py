@@ -188,11 +188,15 @@ class OrthogonalProjector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"OrthogonalProjector expected inputs (..., {self.in_dim}), got {tuple(x.shape)}")
-        if self.method == "stiefel":  # x Pᵀ = (x L⁻¹) Wᵀ, never forming P; in float32 at least
+        # Autocast off: a Gram matrix or a matrix function in bf16 would cost orthogonality (1e-2 instead of
+        # 1e-7). The output is float32 (float64 for double inputs); later ops autocast as usual.
+        with torch.autocast(x.device.type, enabled=False):
             flat = _at_least_float32(x.reshape(-1, self.in_dim))
-            y = _StiefelLinear.apply(flat, _at_least_float32(self.free))
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_dim)
-        return F.linear(x, self.weight.to(x.dtype))
+            if self.method == "stiefel":  # x Pᵀ = (x L⁻¹) Wᵀ, never forming P
+                y = _StiefelLinear.apply(flat, _at_least_float32(self.free))
+            else:
+                y = F.linear(flat, self.weight.to(flat.dtype))
+        return y.reshape(*x.shape[:-1], self.out_dim)
 
 
 @torch.no_grad()

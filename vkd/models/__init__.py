@@ -1,8 +1,24 @@
-"""CIFAR models registered with timm (import this package, then ``timm.create_model(name, num_classes=...)``)."""
+"""CIFAR models registered with timm (``import vkd``, then ``timm.create_model(name, num_classes=...)``).
 
-from . import cifar_resnet  # noqa: F401  (registers the models with timm)
+Every model follows timm's interface: ``forward_features(x)`` gives the last feature map (B, C, H, W)
+or, for transformers, the tokens (B, prefix + N, d); ``forward_head(features, pre_logits=True)`` the
+pooled (B, C) feature; ``forward_head(features)`` the logits; ``num_features`` the feature width."""
+
+import torch
+from torch import nn
+
+from . import cifar_mobilenet, cifar_resnet, cifar_vit  # noqa: F401  (register the models with timm)
 from .cifar_resnet import CifarResNet
 
-CIFAR_MODELS = ("resnet8", "resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_2")
+CIFAR_MODELS = ("resnet8", "resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_2",
+                "mobilenetv2_cifar", "resnet50_cifar", "deit_tiny_patch4_32")
 
-__all__ = ["CIFAR_MODELS", "CifarResNet"]
+
+def distillation_features(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """What feature losses see: a CNN's map as it is; a transformer's patch tokens (B, N, d), without
+    its class / distillation tokens (the papers mean-pool the patch tokens)."""
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    return features[:, prefix:] if features.dim() == 3 and prefix else features
+
+
+__all__ = ["CIFAR_MODELS", "CifarResNet", "distillation_features"]

@@ -115,15 +115,20 @@ class CifarResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _build(blocks: int, widths: tuple, preact: bool = False, pretrained: bool = False, **kwargs) -> CifarResNet:
+def _build_checked(cls, pretrained: bool = False, **kwargs):
+    """Instantiate a CIFAR model from timm's factory (whose pretrained-config options it drops)."""
     if pretrained:
         raise ValueError(
             "no published weights are bundled for the CIFAR models; train a teacher with notebook 01 or load a "
-            "checkpoint with vkd.models.load_checkpoint(model, path)"
+            "checkpoint with vkd.engine.load_weights(model, path)"
         )
     for timm_option in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(timm_option, None)
-    return CifarResNet(blocks, widths, preact=preact, **kwargs)
+    return cls(**kwargs)
+
+
+def _build(blocks: int, widths: tuple, preact: bool = False, pretrained: bool = False, **kwargs) -> CifarResNet:
+    return _build_checked(CifarResNet, pretrained, blocks=blocks, widths=widths, preact=preact, **kwargs)
 
 
 # depth = 6 * blocks + 2

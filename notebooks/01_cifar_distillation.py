@@ -1,0 +1,131 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · CIFAR distillation: every method, one training loop
+#
+# The small-scale experiments of both papers: a teacher, then one student per method -- the student
+# alone (CE), KD, FitNet, DKD, SRD ("linear/MLP + BN + LogSum", paper B), VkD (orthogonal projector
+# + teacher standardisation, paper A) and SRD+DKD -- all trained by `vkd.engine.train` with the
+# same data, schedule and seed. The `full` profile is the CRD / mdistiller recipe (240 epochs,
+# SGD lr 0.05, batch 64, ×0.1 at 150/180/210) for resnet32x4 → resnet8x4; `quick` is a CPU-sized
+# version (smaller pair, data fraction, few epochs) and `smoke` only proves the plumbing.
+#
+# The papers report CIFAR-100; the data here is CIFAR-10 (JPEG) unless `dataset` says otherwise, so
+# the `paper_top1` column is context (its dataset is shown next to it), not a target.
+
+# %% tags=["parameters"]
+profile: str = "smoke"  # smoke / quick / full: which profile filled these values
+figures_dir: str = "figures"  # figures and CSVs (relative to the project root)
+runs_dir: str = "runs/01"  # run folders (metrics, checkpoints); reruns resume / reuse them
+dataset: str = "cifar10-jpeg"  # cifar10-jpeg (offline archive) | cifar10 | cifar100 (torchvision)
+download: bool = False  # let torchvision download CIFAR (online users)
+fraction: float = 1.0  # class-stratified fraction of the training set
+test_fraction: float = 1.0  # class-stratified fraction of the test set
+teacher: str = "resnet32x4"  # teacher architecture (timm name)
+teacher_checkpoint: str = ""  # weights of a trained teacher; empty: train one here first
+teacher_sha256: str = ""  # expected checksum of teacher_checkpoint (optional)
+teacher_epochs: int = 240  # epochs when the teacher is trained here
+student: str = "resnet8x4"  # student architecture (timm name)
+methods: list = ["ce", "kd", "fitnet", "dkd", "srd", "vkd", "srd+dkd"]  # vkd.distillers.METHODS
+epochs: int = 240  # student epochs
+batch_size: int = 64
+lr: float = 0.05
+weight_decay: float = 5e-4
+teacher_cache_views: int = 0  # >0: cache teacher outputs for that many augmentation views (CPU speed-up)
+seed: int = 0
+device: str = "auto"  # auto | cpu | cuda
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from vkd.engine import TrainConfig, train
+from vkd.paths import output_dir, resolve
+from vkd.results import render_table, with_paper_numbers
+
+figures = output_dir(figures_dir)
+tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
+common = dict(out_dir=f"{runs_dir}/{tag}", dataset=dataset, download=download, fraction=fraction,
+              test_fraction=test_fraction, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+              device=device)
+
+# %% [markdown]
+# ## Teacher
+# Trained with the same loop (method `ce`), unless `teacher_checkpoint` points to weights -- vkd's own
+# `model.pt` or an mdistiller CIFAR teacher checkpoint; its sha256 is recorded in every summary.
+
+# %%
+if teacher_checkpoint:
+    teacher_weights, teacher_summary = teacher_checkpoint, None
+else:
+    teacher_summary = train(TrainConfig(name=f"teacher-{teacher}", student=teacher, method="ce",
+                                        epochs=teacher_epochs, **common))
+    teacher_weights = str(resolve(common["out_dir"]) / f"teacher-{teacher}" / "model.pt")
+    print(f"teacher {teacher}: best {teacher_summary['best_acc']:.2f} %, last {teacher_summary['last_acc']:.2f} %, "
+          f"{teacher_summary['wall_seconds']:.0f} s on {teacher_summary['device']}")
+
+# %% [markdown]
+# ## Students
+
+# %%
+summaries = {}
+for method in methods:
+    summaries[method] = train(TrainConfig(
+        name=f"{method}-{student}", student=student, method=method, epochs=epochs,
+        teacher=None if method == "ce" else teacher, teacher_checkpoint=None if method == "ce" else teacher_weights,
+        teacher_sha256=teacher_sha256 or None, teacher_cache_views=0 if method == "ce" else teacher_cache_views,
+        **common))
+    s = summaries[method]
+    print(f"{method:8s} best {s['best_acc']:6.2f} %  last {s['last_acc']:6.2f} %  {s['wall_seconds']:6.0f} s")
+
+# %%
+def row(method: str, s: dict) -> dict:
+    return {"method": method, "teacher": teacher, "student": s["student"], "dataset": s["dataset"],
+            "fraction": s["fraction"], "epochs": s["epochs"], "seed": s["seed"], "best_top1": round(s["best_acc"], 2),
+            "last_top1": round(s["last_acc"], 2), "wall_s": round(s["wall_seconds"]), "device": s["device"],
+            "profile": profile, "git": s["git_revision"]}
+
+rows = [row(m, s) for m, s in summaries.items()]
+if teacher_summary is not None:
+    rows.insert(0, {**row("teacher", teacher_summary), "student": student})
+results = with_paper_numbers(pd.DataFrame(rows))
+results.loc[results.method == "teacher", "student"] = teacher + " (teacher)"
+results.to_csv(figures / "01_cifar_results.csv", index=False)
+render_table(results.drop(columns=["git", "seed", "profile"]), figures / "01_cifar_results.png",
+             f"{dataset}, {fraction:.0%} of the training data, profile {profile}, seed {seed}")
+results
+
+# %%
+curves = []
+for method, s in summaries.items():
+    metrics = pd.read_csv(resolve(common["out_dir"]) / s["name"] / "metrics.csv")
+    curves.append(metrics.assign(method=method))
+curves = pd.concat(curves, ignore_index=True)
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+sns.lineplot(data=curves, x="epoch", y="test_acc", hue="method", ax=axes[0], marker="o")
+sns.lineplot(data=curves, x="epoch", y="train_loss", hue="method", ax=axes[1], legend=False)
+axes[0].set(ylabel="test top-1 (%)", title=f"{teacher} → {student}")
+axes[1].set(ylabel="training loss (weighted sum)", yscale="log")
+fig.tight_layout()
+fig.savefig(figures / "01_cifar_curves.png", dpi=120, bbox_inches="tight")
+
+# %%
+baseline = summaries.get("ce")
+if baseline is not None:
+    for method, s in summaries.items():
+        print(f"{method:8s} {s['best_acc'] - baseline['best_acc']:+6.2f} points (best top-1) vs the student alone")
+print(json.dumps({m: round(s["best_acc"], 2) for m, s in summaries.items()}))

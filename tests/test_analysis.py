@@ -1,0 +1,66 @@
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from vkd import analysis
+
+
+def test_singular_values_and_effective_rank_of_known_matrices():
+    u = torch.linalg.qr(torch.randn(6, 6, dtype=torch.double))[0]
+    v = torch.linalg.qr(torch.randn(4, 4, dtype=torch.double))[0]
+    s = torch.tensor([4.0, 3.0, 2.0, 0.5], dtype=torch.double)
+    weight = u[:, :4] @ torch.diag(s) @ v.T
+    torch.testing.assert_close(analysis.singular_values(weight), s)
+    assert analysis.effective_rank(torch.ones(5)) == pytest.approx(5.0)
+    assert analysis.effective_rank(torch.tensor([1.0, 0, 0])) == pytest.approx(1.0)
+
+
+def test_correlation_of_identity_and_of_noise():
+    torch.manual_seed(0)
+    x = torch.randn(4000, 32)
+    assert analysis.matched_correlation(x, x) == pytest.approx(1.0)
+    noise = analysis.matched_correlation(x, torch.randn(4000, 64))
+    assert noise < 3 * math.sqrt(2 / (math.pi * 4000))
+    assert analysis.linear_cka(x, x) == pytest.approx(1.0)
+    assert analysis.linear_cka(x, torch.randn(4000, 64)) < 0.02
+
+
+def test_linear_cka_invariances():
+    torch.manual_seed(0)
+    x, y = torch.randn(500, 16), torch.randn(500, 16) @ torch.randn(16, 24)
+    q = torch.linalg.qr(torch.randn(24, 24))[0]
+    base = analysis.linear_cka(x, y)
+    assert analysis.linear_cka(x, 3.7 * y @ q) == pytest.approx(base, rel=1e-6)  # orthogonal + isotropic scale
+    assert analysis.linear_cka(x + 5.0, y - 2.0) == pytest.approx(base, rel=1e-6)  # offsets are centred away
+    assert analysis.linear_cka(y, x) == pytest.approx(base, rel=1e-9)  # symmetric
+
+
+def test_rollout_of_identity_attention_is_identity():
+    maps = [torch.eye(5).expand(2, 3, 5, 5) for _ in range(4)]
+    torch.testing.assert_close(analysis.attention_rollout(maps), torch.eye(5).expand(2, 5, 5))
+    uniform = [torch.full((1, 2, 4, 4), 0.25)]
+    rollout = analysis.attention_rollout(uniform)
+    torch.testing.assert_close(rollout.sum(-1), torch.ones(1, 4))
+
+
+def test_attention_maps_of_a_timm_vit():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch4_32", num_classes=10, depth=2)
+    maps = analysis.attention_maps(model, torch.randn(3, 3, 32, 32))
+    assert len(maps) == 2 and maps[0].shape == (3, 3, 65, 65)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(3, 3, 65))
+    assert all(b.attn.fused_attn == model.blocks[0].attn.fused_attn for b in model.blocks)  # model untouched
+
+
+def test_translation_equivariance_zero_for_a_patchwise_conv_and_positive_with_positions():
+    torch.manual_seed(0)
+    patchify = nn.Conv2d(3, 8, kernel_size=4, stride=4)  # a 1x1 conv on the 4-pixel patch grid
+    images = torch.randn(5, 3, 32, 32)
+    mu = analysis.translation_equivariance(patchify, images, shift=1, cell=4)
+    assert mu.shape == (5,) and mu.abs().max() < 1e-10
+    position = torch.randn(1, 8, 8, 8)
+    mu = analysis.translation_equivariance(lambda x: patchify(x) + position, images, shift=1, cell=4)
+    assert (mu > 0.1).all()

@@ -1,0 +1,105 @@
+"""Analyses of the projector and of the student: singular-value spectra, input-output correlation,
+linear CKA, attention maps and rollout, translational equivariance.
+
+Measures the papers leave undefined are defined here and named in each function's docstring.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """Singular values of a (out x in) matrix, descending (float64 on CPU)."""
+    return torch.linalg.svdvals(weight.detach().double().cpu())
+
+
+def effective_rank(values: torch.Tensor) -> float:
+    """exp(entropy of the normalised singular values) (Roy & Vetterli, 2007): d for a flat spectrum, 1 for rank one."""
+    p = values / values.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().double()
+    x = x - x.mean(0)
+    return x / x.std(0, unbiased=False).clamp_min(1e-12)
+
+
+def matched_correlation(inputs: torch.Tensor, outputs: torch.Tensor) -> float:
+    """Mean |Pearson correlation| between input dimension i and output dimension i, i < min(d_in, d_out).
+
+    (B, d_in), (B, d_out) -> a number in [0, 1]: 1 for an identity projector, ≈ sqrt(2/(πB)) for
+    independent noise.  Paper B's figure 3 does not define its measure; this is our reading of
+    "input-output correlation" of a projector (see also ``linear_cka``)."""
+    d = min(inputs.shape[1], outputs.shape[1])
+    a, b = _standardise(inputs[:, :d]), _standardise(outputs[:, :d])
+    return float((a * b).mean(0).abs().mean())
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centred kernel alignment (Kornblith et al., 2019) of (B, d_x) and (B, d_y) features.
+
+    ‖Yᵀ X‖_F² / (‖Xᵀ X‖_F ‖Yᵀ Y‖_F) on batch-centred features: 1 for identical or orthogonally
+    transformed / isotropically scaled features, near 0 for independent ones."""
+    x = x.detach().double()
+    y = y.detach().double()
+    x, y = x - x.mean(0), y - y.mean(0)
+    cross = (y.T @ x).square().sum()
+    return float(cross / ((x.T @ x).square().sum().sqrt() * (y.T @ y).square().sum().sqrt()))
+
+
+CORRELATIONS = {"matched": matched_correlation, "cka": linear_cka}
+
+
+def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Attention probabilities of every block of a timm ViT: a list of (B, heads, T, T), T = prefix + patches.
+
+    timm's fused attention never forms the matrix, so this runs an evaluation copy of ``model`` with
+    fused attention switched off and reads the probabilities at each block's ``attn_drop``."""
+    probe = copy.deepcopy(model).eval()
+    maps: list[torch.Tensor] = []
+    hooks = []
+    for block in probe.blocks:
+        block.attn.fused_attn = False
+        hooks.append(block.attn.attn_drop.register_forward_hook(lambda _m, args, _out: maps.append(args[0].detach())))
+    try:
+        with torch.no_grad():
+            probe(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return maps
+
+
+def attention_rollout(maps: list[torch.Tensor], residual: float = 0.5) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): per layer, the head-mean attention mixed with the
+    identity for the residual path, rows renormalised, multiplied from the first layer to the last.
+
+    list of (B, heads, T, T) -> (B, T, T); identity attention gives the identity."""
+    rollout = None
+    for attention in maps:
+        a = attention.mean(1)
+        a = residual * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) + (1 - residual) * a
+        a = a / a.sum(-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    return rollout
+
+
+def translation_equivariance(features, images: torch.Tensor, shift: int, cell: int) -> torch.Tensor:
+    """µ_T = ‖φ(Tx) − T'φ(x)‖² / ‖φ(x)‖² per image (B,), on the region both maps cover.
+
+    ``features``: images (B, 3, H, W) -> a grid (B, C, h, w) with one cell per ``cell`` pixels (a
+    CNN map, or ViT patch tokens reshaped to their grid).  T shifts the image right by ``shift``
+    cells (zero fill); T' shifts the grid by ``shift`` cells.  0 for a translation-equivariant φ."""
+    moved = torch.zeros_like(images)
+    moved[..., shift * cell:] = images[..., : images.shape[-1] - shift * cell]
+    with torch.no_grad():
+        reference, shifted = features(images), features(moved)
+    expected = reference[..., : reference.shape[-1] - shift]
+    observed = shifted[..., shift:]
+    return (observed - expected).square().flatten(1).sum(1) / expected.square().flatten(1).sum(1)

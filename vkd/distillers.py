@@ -1,0 +1,160 @@
+"""Distillation methods as one module: student + frozen teacher + the loss terms of a method.
+
+A :class:`Distiller` returns the student's logits and a dict of named, already weighted loss terms,
+so the training loop sums them and logs each by name without knowing the method (mdistiller's
+pattern).  The teacher stays in eval mode whatever ``train()`` is called with and is never optimised.
+
+Methods (``METHODS``) and their terms, with the CRD / mdistiller CIFAR defaults:
+
+=========  ==========================================================================
+ce         cross-entropy only (the student alone)
+kd         0.1·CE + 0.9·KD(T=4)
+fitnet     CE + 100·FitNet hint on the last feature maps (1x1-conv regressor)
+dkd        CE + warm-up(20 epochs)·DKD(α=1, β=8, T=4)
+srd        CE + 1·SRD (MLP projector, hidden 1024, BatchNorm, LogSum α=4)
+vkd        CE + 1·VkD (orthogonal projector, teacher layer norm, smooth-L1)
+srd+dkd    CE + SRD + warm-up·DKD
+=========  ==========================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import DKDLoss, FitNetLoss, KDLoss, SRDLoss, VkDLoss, pool_features
+from .models import distillation_features
+from .projectors import retract_
+
+METHODS = ("ce", "kd", "fitnet", "dkd", "srd", "vkd", "srd+dkd")
+
+
+@dataclass
+class MethodConfig:
+    """Weights and hyperparameters of the loss terms; ``for_method`` fills the method's defaults."""
+
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0
+    fitnet_weight: float = 0.0
+    dkd_weight: float = 0.0
+    srd_weight: float = 0.0
+    vkd_weight: float = 0.0
+    temperature: float = 4.0
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_warmup_epochs: int = 20
+    srd_alpha: float = 4.0
+    srd_projector: str = "mlp"
+    srd_hidden: int = 1024
+    srd_norm: str = "batchnorm"
+    srd_distance: str = "logsum"
+    vkd_norm: str = "layernorm"
+    vkd_distance: str = "smooth_l1"
+    vkd_method: str = "stiefel"
+    vkd_projector: str = "orthogonal"  # or linear / mlp / ensemble, for VkD's projector ablation
+    vkd_hidden: int = 1024  # hidden width of mlp / ensemble projectors
+
+    @classmethod
+    def for_method(cls, method: str, **overrides) -> MethodConfig:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        defaults = {
+            "ce": {},
+            "kd": {"ce_weight": 0.1, "kd_weight": 0.9},
+            "fitnet": {"fitnet_weight": 100.0},
+            "dkd": {"dkd_weight": 1.0},
+            "srd": {"srd_weight": 1.0},
+            "vkd": {"vkd_weight": 1.0},
+            "srd+dkd": {"srd_weight": 1.0, "dkd_weight": 1.0},
+        }[method]
+        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown method option(s) {unknown}; expected some of {sorted(cls.__dataclass_fields__)}")
+        return cls(**{**defaults, **overrides})
+
+
+class Distiller(nn.Module):
+    """Student + optional frozen teacher + the loss modules that ``config`` switches on.
+
+    ``forward(images, labels, epoch)`` -> (student logits (B, C), {term: weighted scalar loss}).
+    Teacher outputs may be passed in (``teacher_outputs=(features, logits)``, e.g. pooled from a cache)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, config: MethodConfig):
+        super().__init__()
+        self.student, self.teacher, self.config = student, teacher, config
+        c = config
+        needs_teacher = any([c.kd_weight, c.fitnet_weight, c.dkd_weight, c.srd_weight, c.vkd_weight])
+        if needs_teacher and teacher is None:
+            raise ValueError("this method distils from a teacher, but no teacher was given")
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        d_s = getattr(student, "num_features", None)
+        d_t = getattr(teacher, "num_features", None)
+        self.losses = nn.ModuleDict()
+        if c.kd_weight:
+            self.losses["kd"] = KDLoss(c.temperature)
+        if c.dkd_weight:
+            self.losses["dkd"] = DKDLoss(c.dkd_alpha, c.dkd_beta, c.temperature)
+        if c.fitnet_weight:
+            self.losses["fitnet"] = FitNetLoss(d_s, d_t)
+        if c.srd_weight:
+            options = {"hidden": c.srd_hidden} if c.srd_projector in ("mlp", "ensemble") else {}
+            self.losses["srd"] = SRDLoss(d_s, d_t, c.srd_alpha, c.srd_projector, projector_options=options,
+                                         norm=c.srd_norm, distance=c.srd_distance)
+        if c.vkd_weight:
+            options = {"hidden": c.vkd_hidden} if c.vkd_projector in ("mlp", "ensemble") else {}
+            self.losses["vkd"] = VkDLoss(d_s, d_t, c.vkd_norm, c.vkd_distance, c.vkd_method, c.vkd_projector,
+                                         projector_options=options)
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The student's and the loss modules' (projectors, regressors) parameters."""
+        return [*self.student.parameters(), *self.losses.parameters()]
+
+    @torch.no_grad()
+    def teacher_outputs(self, images: torch.Tensor, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, logits (B, C)) of the frozen teacher; features are its last map (B, d_t, H, W) or
+        patch tokens (B, N, d_t), or with ``pooled`` their mean (B, d_t)."""
+        features = self.teacher.forward_features(images)
+        logits = self.teacher.forward_head(features)
+        features = distillation_features(self.teacher, features)
+        return (pool_features(features) if pooled else features), logits
+
+    def projector_io(self, images: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled student features (B, d_s) and their projection (B, d_t) by the projector of ``loss``."""
+        features = distillation_features(self.student, self.student.forward_features(images))
+        pooled = pool_features(features)
+        return pooled, self.losses[loss].projector(pooled)
+
+    def after_optimizer_step(self) -> None:
+        """Keep orthogonal projectors well conditioned (outputs unchanged; see ``retract_``)."""
+        retract_(self.losses)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, epoch: int = 0,
+                teacher_outputs: tuple[torch.Tensor, torch.Tensor] | None = None):
+        c = self.config
+        features = self.student.forward_features(images)
+        logits = self.student.forward_head(features)
+        features = distillation_features(self.student, features)
+        terms = {"ce": c.ce_weight * F.cross_entropy(logits, labels)} if c.ce_weight else {}
+        if not self.losses:
+            return logits, terms
+        t_features, t_logits = teacher_outputs if teacher_outputs is not None else self.teacher_outputs(images)
+        if "kd" in self.losses:
+            terms["kd"] = c.kd_weight * self.losses["kd"](logits, t_logits)
+        if "dkd" in self.losses:
+            warmup = min(1.0, (epoch + 1) / c.dkd_warmup_epochs) if c.dkd_warmup_epochs else 1.0
+            terms["dkd"] = c.dkd_weight * warmup * self.losses["dkd"](logits, t_logits, labels)
+        for name in ("fitnet", "srd", "vkd"):
+            if name in self.losses:
+                terms[name] = getattr(c, f"{name}_weight") * self.losses[name](features, t_features)
+        return logits, terms

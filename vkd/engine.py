@@ -1,0 +1,360 @@
+"""One training loop for every method (the student alone, teachers, and every distillation method).
+
+``train(TrainConfig(...))`` writes to ``<out_dir>/<name>/``:
+``metrics.csv`` (one row per epoch), ``summary.json`` (best/last accuracy, wall time, device, git
+revision, every hyperparameter), ``checkpoint.pt`` (written atomically after every epoch; a rerun with
+the same name resumes from it exactly) and ``model.pt`` (the final student weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import timm
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data as vdata
+from .distillers import Distiller, MethodConfig
+from .paths import project_root, resolve
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the last epoch's checkpoint is left as it was."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; stored in the checkpoint and in summary.json."""
+
+    name: str = "run"  # run folder name under out_dir
+    out_dir: str = "runs"  # relative to the project root
+    dataset: str = "cifar10-jpeg"  # vkd.data.DATASETS
+    data_root: str = "data"
+    download: bool = False  # let torchvision download CIFAR (online users)
+    fraction: float = 1.0  # class-stratified fraction of the training set
+    test_fraction: float = 1.0  # class-stratified fraction of the test set
+    student: str = "resnet8x4"  # timm model name
+    teacher: str | None = None  # timm model name of the frozen teacher
+    teacher_checkpoint: str | None = None  # weights of the teacher (vkd or mdistiller format)
+    teacher_sha256: str | None = None  # expected sha256 of the teacher checkpoint, checked when given
+    method: str = "ce"  # vkd.distillers.METHODS
+    method_options: dict = field(default_factory=dict)  # MethodConfig overrides, e.g. {"vkd_weight": 2}
+    epochs: int = 240
+    batch_size: int = 64
+    optimizer: str = "sgd"  # any timm optimizer name (sgd, adamw, ...)
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"  # multistep | cosine
+    milestones: tuple = (0.625, 0.75, 0.875)  # multistep: fractions of the run (150/180/210 of 240)
+    gamma: float = 0.1  # multistep decay
+    warmup_epochs: int = 0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast (GPU only)
+    channels_last: bool = True  # (GPU only)
+    teacher_cache_views: int = 0  # >0: cache teacher outputs for this many augmentation views (TeacherCache)
+    progress: bool = True  # tqdm bars
+
+    def run_dir(self) -> Path:
+        return resolve(self.out_dir) / self.name
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_revision() -> str:
+    try:
+        root = project_root()
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_weights(model: nn.Module, path: str | Path, expected_sha256: str | None = None) -> str:
+    """Load a checkpoint into ``model``; returns its sha256 (checked against ``expected_sha256``).
+
+    Accepts vkd's ``model.pt`` / ``checkpoint.pt``, mdistiller's ``{"model": state_dict}`` teacher
+    checkpoints, and plain state dicts; half-precision weights are cast to the model's dtype."""
+    path = resolve(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train the teacher first (notebook 01) or give its path")
+    digest = sha256(path)
+    if expected_sha256 and digest != expected_sha256:
+        raise ValueError(f"checksum mismatch for {path}: expected sha256 {expected_sha256}, got {digest}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("model", "student", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    reference = model.state_dict()
+    state = {k: v.to(reference[k].dtype) if k in reference and v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state)
+    return digest
+
+
+def build_teacher(config: TrainConfig, num_classes: int) -> tuple[nn.Module | None, str | None]:
+    if config.teacher is None:
+        return None, None
+    teacher = timm.create_model(config.teacher, num_classes=num_classes)
+    if config.teacher_checkpoint is None:
+        raise ValueError(f"teacher {config.teacher!r} needs teacher_checkpoint (a trained model's weights)")
+    return teacher, load_weights(teacher, config.teacher_checkpoint, config.teacher_sha256)
+
+
+def _loaders(config: TrainConfig, device: torch.device):
+    train_data = vdata.load_tensor_data(config.dataset, "train", config.data_root, config.download)
+    test_data = vdata.load_tensor_data(config.dataset, "test", config.data_root, config.download)
+    if config.fraction < 1:
+        train_data = train_data.subset(vdata.stratified_indices(train_data.labels, config.fraction, config.seed))
+    if config.test_fraction < 1:
+        test_data = test_data.subset(vdata.stratified_indices(test_data.labels, config.test_fraction, config.seed))
+    mean, std = vdata.STATS["cifar100" if config.dataset == "cifar100" else "cifar10"]
+    train = vdata.TensorLoader(train_data, config.batch_size, mean, std, True, device, seed=config.seed)
+    test = vdata.TensorLoader(test_data, 256, mean, std, False, device)
+    return train, test, len(train_data.classes)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, autocast) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` over ``loader``."""
+    model.eval()
+    correct = loss = count = 0
+    for images, labels, _ in loader:
+        with autocast:
+            logits = model(images)
+        loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        count += len(labels)
+    return {"test_acc": 100.0 * correct / count, "test_loss": loss / count}
+
+
+class TeacherCache:
+    """Teacher outputs for ``views`` augmentation draws of every training image, filled on first use.
+
+    Epoch e uses augmentation view e mod views (the loader replays that view's shuffle, crops and
+    flips), so from epoch ``views`` on the teacher is never run again.  Features are stored pooled,
+    (d_t,) per image: exact for the pooled feature losses (VkD, SRD) and the logit losses."""
+
+    def __init__(self, views: int, num_samples: int, device: torch.device):
+        self.views, self.num_samples, self.device = views, num_samples, device
+        self.features: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.filled = torch.zeros(views, num_samples, dtype=torch.bool, device=device)
+
+    def view(self, epoch: int) -> int:
+        return epoch % self.views
+
+    def lookup(self, view: int, index: torch.Tensor, distiller: Distiller, images: torch.Tensor):
+        if self.features is not None and bool(self.filled[view, index].all()):
+            return self.features[view, index].float(), self.logits[view, index].float()
+        pooled, logits = distiller.teacher_outputs(images, pooled=True)
+        if self.features is None:
+            self.features = torch.zeros(self.views, self.num_samples, pooled.shape[1], dtype=torch.float16,
+                                        device=self.device)
+            self.logits = torch.zeros(self.views, self.num_samples, logits.shape[1], dtype=torch.float16,
+                                      device=self.device)
+        self.features[view, index] = pooled.half()
+        self.logits[view, index] = logits.half()
+        self.filled[view, index] = True
+        return pooled.float(), logits
+
+
+def train_step(distiller: Distiller, optimizer, images, labels, epoch: int = 0, teacher_outputs=None,
+               autocast=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimisation step of ``distiller``; returns (student logits, weighted loss terms)."""
+    with autocast if autocast is not None else torch.autocast(images.device.type, enabled=False):
+        logits, terms = distiller(images, labels, epoch, teacher_outputs=teacher_outputs)
+        loss = sum(terms.values())
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"non-finite loss ({ {k: float(v.detach()) for k, v in terms.items()} })")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    distiller.after_optimizer_step()
+    return logits, terms
+
+
+def _scheduler(config: TrainConfig, optimizer):
+    if config.schedule == "multistep":
+        milestones = [max(1, round(f * config.epochs)) for f in config.milestones]
+        return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=config.gamma,
+                                    warmup_t=config.warmup_epochs, warmup_lr_init=config.lr * 0.01)
+    if config.schedule == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=config.epochs, lr_min=config.lr * 1e-2,
+                                 warmup_t=config.warmup_epochs, warmup_lr_init=config.lr * 0.01)
+    raise ValueError(f"unknown schedule {config.schedule!r}; expected 'multistep' or 'cosine'")
+
+
+def _save_atomic(obj, path: Path) -> None:
+    partial = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, partial)
+    os.replace(partial, path)
+
+
+Probe = Callable[[Distiller], dict]
+
+
+def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe | None = None,
+          probe_every: int = 0) -> dict:
+    """Train ``config.student`` with ``config.method``; resumes from the run folder's checkpoint if present.
+
+    ``probe(distiller)`` -> dict of JSON values is called (in eval mode, without gradients) before
+    training and then every ``probe_every`` optimiser steps, or after every epoch when 0; its records
+    go to ``probes.json`` (e.g. projector singular values).  ``stop_after_epoch`` (1-based) ends the
+    call after that epoch as if interrupted (for tests).  Returns the summary also written to summary.json."""
+    device = _device(config.device)
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    train_loader, test_loader, num_classes = _loaders(config, device)
+    student = timm.create_model(config.student, num_classes=num_classes)
+    teacher, teacher_digest = build_teacher(config, num_classes)
+    distiller = Distiller(student, teacher, MethodConfig.for_method(config.method, **config.method_options))
+    distiller.to(device)
+    if device.type == "cuda" and config.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+    optimizer = create_optimizer_v2(distiller.trainable_parameters(), opt=config.optimizer, lr=config.lr,
+                                    weight_decay=config.weight_decay, momentum=config.momentum)
+    scheduler = _scheduler(config, optimizer)
+    cache = None  # pooled features only: FitNet's hint needs the teacher's maps, so it runs the teacher
+    if config.teacher_cache_views and teacher is not None and "fitnet" not in distiller.losses:
+        cache = TeacherCache(config.teacher_cache_views, len(train_loader.labels), device)
+
+    checkpoint_path = run_dir / "checkpoint.pt"
+    rows, probes, start_epoch, elapsed = [], [], 0, 0.0
+
+    def record_probe(epoch: int, step: int) -> None:
+        distiller.eval()
+        with torch.no_grad():
+            probes.append({"epoch": epoch, "step": step, **probe(distiller)})
+        distiller.train()
+        (run_dir / "probes.json").write_text(json.dumps(probes))
+
+    if checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if state["config"] != asdict(config):
+            changed = sorted(k for k, v in asdict(config).items() if state["config"].get(k) != v)
+            raise ValueError(f"{checkpoint_path} belongs to a run with other settings ({changed}); "
+                             f"use another name or delete {run_dir}")
+        distiller.student.load_state_dict(state["student"])
+        distiller.losses.load_state_dict(state["losses"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        rows, probes, start_epoch, elapsed = state["metrics"], state["probes"], state["epoch"], state["elapsed"]
+    if start_epoch == 0:
+        scheduler.step(0)
+        if probe is not None:
+            record_probe(0, 0)
+    step = start_epoch * len(train_loader)
+
+    for epoch in range(start_epoch, config.epochs):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
+        view = cache.view(epoch) if cache is not None else epoch
+        train_loader.set_epoch(view)
+        distiller.train()
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=device)
+        seen = 0
+        bar = tqdm(train_loader, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not config.progress, mininterval=2)
+        for images, labels, index in bar:
+            if device.type == "cuda" and config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                outputs = cache.lookup(view, index, distiller, images) if cache is not None else None
+            try:
+                logits, terms = train_step(distiller, optimizer, images, labels, epoch, outputs, autocast)
+            except NonFiniteLossError as error:
+                kept = f"the checkpoint of epoch {epoch} ({checkpoint_path}) is intact" if epoch else "no epoch ended"
+                raise NonFiniteLossError(f"{config.name}, epoch {epoch + 1}: {error}; {kept}. "
+                                         f"Lower the learning rate or check the inputs.") from None
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0) + value.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+            step += 1
+            if probe is not None and probe_every and step % probe_every == 0:
+                record_probe(epoch + (seen / len(train_loader.labels)), step)
+        scheduler.step(epoch + 1)
+        row = {"epoch": epoch + 1, "lr": lr}
+        row.update({f"train_{k}": (v / seen).item() for k, v in sums.items()})
+        row["train_loss"] = sum(row[f"train_{k}"] for k in sums)
+        row["train_acc"] = 100.0 * correct.item() / seen
+        row.update(evaluate(distiller.student, test_loader, autocast))
+        row["epoch_seconds"] = time.perf_counter() - start
+        elapsed += row["epoch_seconds"]
+        rows.append(row)
+        pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
+        if probe is not None and not probe_every:
+            record_probe(epoch + 1, step)
+        _save_atomic({"epoch": epoch + 1, "config": asdict(config), "student": distiller.student.state_dict(),
+                      "losses": distiller.losses.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "metrics": rows,
+                      "probes": probes, "elapsed": elapsed}, checkpoint_path)
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
+            return {"stopped_after_epoch": epoch + 1}
+
+    _save_atomic({"model": distiller.student.state_dict(), "arch": config.student, "num_classes": num_classes},
+                 run_dir / "model.pt")
+    accuracies = [r["test_acc"] for r in rows]
+    summary = {
+        "name": config.name, "method": config.method, "student": config.student, "teacher": config.teacher,
+        "dataset": config.dataset, "fraction": config.fraction, "epochs": config.epochs, "seed": config.seed,
+        "best_acc": max(accuracies), "best_epoch": accuracies.index(max(accuracies)) + 1,
+        "last_acc": accuracies[-1], "wall_seconds": elapsed, "device": device_description(device),
+        "git_revision": git_revision(), "teacher_sha256": teacher_digest, "teacher_cached": cache is not None,
+        "config": asdict(config),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train_teacher(arch: str, epochs: int, **settings) -> tuple[str, dict]:
+    """Train (or reuse, if a finished run with the same settings exists) a teacher with method ``ce``.
+
+    ``settings`` are further TrainConfig fields (out_dir, dataset, fraction, ...).  Returns the path
+    of its weights and its summary."""
+    config = TrainConfig(name=f"teacher-{arch}", student=arch, method="ce", epochs=epochs, **settings)
+    summary = train(config)
+    return str(config.run_dir() / "model.pt"), summary
+

@@ -1,0 +1,42 @@
+"""Results tables: our runs next to the papers' numbers (``data/paper_numbers.csv``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from .paths import resolve
+
+PAPER_NUMBERS = "data/paper_numbers.csv"
+
+
+def paper_numbers() -> pd.DataFrame:
+    """The papers' reported top-1 accuracies: paper, dataset, teacher, student, method, top1, source."""
+    return pd.read_csv(resolve(PAPER_NUMBERS))
+
+
+def with_paper_numbers(results: pd.DataFrame) -> pd.DataFrame:
+    """``results`` (columns method, teacher, student) plus ``paper_top1`` and ``paper_dataset``.
+
+    The papers' CIFAR numbers are on CIFAR-100; the match is on (teacher, student, method) and the
+    dataset is shown next to the number, so a CIFAR-10 run is never silently compared as equal."""
+    paper = paper_numbers().rename(columns={"top1": "paper_top1", "dataset": "paper_dataset"})
+    paper = paper[["teacher", "student", "method", "paper_top1", "paper_dataset"]]
+    return results.merge(paper, on=["teacher", "student", "method"], how="left")
+
+
+def render_table(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """Save ``table`` as a figure (PNG) for readers who look at figures/ rather than CSVs."""
+    cells = table.astype(object).where(table.notna(), "")
+    fig, ax = plt.subplots(figsize=(min(22, 1.2 + 1.25 * len(table.columns)), 0.9 + 0.32 * len(table)))
+    ax.axis("off")
+    grid = ax.table(cellText=cells.to_numpy(), colLabels=list(table.columns), loc="center", cellLoc="center")
+    grid.auto_set_font_size(False)
+    grid.set_fontsize(8)
+    grid.scale(1, 1.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)

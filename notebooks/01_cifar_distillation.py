@@ -53,7 +53,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from vkd.engine import TrainConfig, train
+from vkd.engine import TrainConfig, train, train_teacher
 from vkd.paths import output_dir, resolve
 from vkd.results import render_table, with_paper_numbers
 
@@ -69,14 +69,7 @@ common = dict(out_dir=f"{runs_dir}/{tag}", dataset=dataset, download=download, f
 # `model.pt` or an mdistiller CIFAR teacher checkpoint; its sha256 is recorded in every summary.
 
 # %%
-if teacher_checkpoint:
-    teacher_weights, teacher_summary = teacher_checkpoint, None
-else:
-    teacher_summary = train(TrainConfig(name=f"teacher-{teacher}", student=teacher, method="ce",
-                                        epochs=teacher_epochs, **common))
-    teacher_weights = str(resolve(common["out_dir"]) / f"teacher-{teacher}" / "model.pt")
-    print(f"teacher {teacher}: best {teacher_summary['best_acc']:.2f} %, last {teacher_summary['last_acc']:.2f} %, "
-          f"{teacher_summary['wall_seconds']:.0f} s on {teacher_summary['device']}")
+teacher_weights, teacher_summary = train_teacher(teacher, teacher_epochs, teacher_checkpoint, **common)
 
 # %% [markdown]
 # ## Students
@@ -85,10 +78,9 @@ else:
 summaries = {}
 for method in methods:
     summaries[method] = train(TrainConfig(
-        name=f"{method}-{student}", student=student, method=method, epochs=epochs,
-        teacher=None if method == "ce" else teacher, teacher_checkpoint=None if method == "ce" else teacher_weights,
-        teacher_sha256=teacher_sha256 or None, teacher_cache_views=0 if method == "ce" else teacher_cache_views,
-        **common))
+        student=student, method=method, epochs=epochs, teacher=None if method == "ce" else teacher,
+        teacher_checkpoint=None if method == "ce" else teacher_weights, teacher_sha256=teacher_sha256 or None,
+        teacher_cache_views=0 if method == "ce" else teacher_cache_views, **common).named(f"{method}-{student}"))
     s = summaries[method]
     print(f"{method:8s} best {s['best_acc']:6.2f} %  last {s['last_acc']:6.2f} %  {s['wall_seconds']:6.0f} s")
 
@@ -105,8 +97,9 @@ if teacher_summary is not None:
 results = with_paper_numbers(pd.DataFrame(rows))
 results.loc[results.method == "teacher", "student"] = teacher + " (teacher)"
 results.to_csv(figures / "01_cifar_results.csv", index=False)
-render_table(results.drop(columns=["git", "seed", "profile"]), figures / "01_cifar_results.png",
-             f"{dataset}, {fraction:.0%} of the training data, profile {profile}, seed {seed}")
+render_table(results.drop(columns=["git", "seed", "profile", "device"]), figures / "01_cifar_results.png",
+             f"{dataset}, {fraction:.0%} of the training data, profile {profile}, seed {seed}, "
+             f"{results.device.iloc[0]}")
 results
 
 # %%

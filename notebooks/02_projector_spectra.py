@@ -60,11 +60,8 @@ figures = output_dir(figures_dir)
 tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
 common = dict(dataset=dataset, download=download, fraction=fraction, test_fraction=test_fraction,
               batch_size=batch_size, lr=lr, seed=seed, device=device)
-if teacher_checkpoint:
-    teacher_weights = teacher_checkpoint
-else:
-    teacher_weights, teacher_summary = train_teacher(teacher, teacher_epochs, out_dir=f"{teachers_dir}/{tag}", **common)
-    print(f"teacher {teacher}: best {teacher_summary['best_acc']:.2f} % ({teacher_summary['wall_seconds']:.0f} s)")
+teacher_weights, _ = train_teacher(teacher, teacher_epochs, teacher_checkpoint, out_dir=f"{teachers_dir}/{tag}",
+                                   **common)
 
 
 # %%
@@ -74,13 +71,13 @@ def projector_spectrum(distiller) -> dict:
 
 summaries, spectra = {}, {}
 for norm in norms:
-    summaries[norm] = train(
-        TrainConfig(name=f"{norm}-{student}", student=student, method="srd", epochs=epochs, teacher=teacher,
-                    teacher_checkpoint=teacher_weights, teacher_cache_views=teacher_cache_views,
-                    method_options={"srd_weight": feature_weight, "srd_projector": "linear", "srd_norm": norm,
-                                    "srd_distance": "mse"}, out_dir=f"{runs_dir}/{tag}", **common),
-        probe=projector_spectrum)
-    spectra[norm] = pd.read_json(output_dir(f"{runs_dir}/{tag}") / f"{norm}-{student}" / "probes.json")
+    config = TrainConfig(student=student, method="srd", epochs=epochs, teacher=teacher,
+                         teacher_checkpoint=teacher_weights, teacher_cache_views=teacher_cache_views,
+                         method_options={"srd_weight": feature_weight, "srd_projector": "linear", "srd_norm": norm,
+                                         "srd_distance": "mse"}, out_dir=f"{runs_dir}/{tag}", **common)
+    config = config.named(f"{norm}-{student}")
+    summaries[norm] = train(config, probe=projector_spectrum)
+    spectra[norm] = pd.read_json(config.run_dir() / "probes.json")
     print(f"{norm:10s} best {summaries[norm]['best_acc']:.2f} %")
 
 # %%

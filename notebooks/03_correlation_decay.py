@@ -64,11 +64,8 @@ figures = output_dir(figures_dir)
 tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
 common = dict(dataset=dataset, download=download, fraction=fraction, test_fraction=test_fraction,
               batch_size=batch_size, lr=lr, seed=seed, device=device)
-if teacher_checkpoint:
-    teacher_weights = teacher_checkpoint
-else:
-    teacher_weights, teacher_summary = train_teacher(teacher, teacher_epochs, out_dir=f"{teachers_dir}/{tag}", **common)
-    print(f"teacher {teacher}: best {teacher_summary['best_acc']:.2f} % ({teacher_summary['wall_seconds']:.0f} s)")
+teacher_weights, _ = train_teacher(teacher, teacher_epochs, teacher_checkpoint, out_dir=f"{teachers_dir}/{tag}",
+                                   **common)
 
 test = data.load_tensor_data(dataset, "test", download=download)
 probe_set = test.subset(data.stratified_indices(test.labels, min(1.0, probe_images / len(test.labels)), seed))
@@ -86,11 +83,12 @@ summaries, curves, accuracy = {}, [], []
 for spec in projectors:
     kind, _, hidden = spec.partition("-")
     options = {"vkd_projector": kind, **({"vkd_hidden": int(hidden)} if hidden else {})}
-    summaries[spec] = train(TrainConfig(name=f"{spec}-{student}", student=student, method="vkd", epochs=epochs,
-                                        teacher=teacher, teacher_checkpoint=teacher_weights, method_options=options,
-                                        teacher_cache_views=teacher_cache_views, out_dir=f"{runs_dir}/{tag}", **common),
-                            probe=correlation, probe_every=probe_every)
-    run = output_dir(f"{runs_dir}/{tag}") / f"{spec}-{student}"
+    config = TrainConfig(student=student, method="vkd", epochs=epochs, teacher=teacher,
+                         teacher_checkpoint=teacher_weights, method_options=options,
+                         teacher_cache_views=teacher_cache_views, out_dir=f"{runs_dir}/{tag}", **common)
+    config = config.named(f"{spec}-{student}")
+    summaries[spec] = train(config, probe=correlation, probe_every=probe_every)
+    run = config.run_dir()
     curves.append(pd.read_json(run / "probes.json").assign(projector=spec))
     accuracy.append(pd.read_csv(run / "metrics.csv").assign(projector=spec))
     print(f"{spec:12s} best {summaries[spec]['best_acc']:.2f} %")

@@ -64,3 +64,18 @@ def test_translation_equivariance_zero_for_a_patchwise_conv_and_positive_with_po
     position = torch.randn(1, 8, 8, 8)
     mu = analysis.translation_equivariance(lambda x: patchify(x) + position, images, shift=1, cell=4)
     assert (mu > 0.1).all()
+
+
+def test_feature_grid_and_cls_maps_of_a_vit():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch4_32", num_classes=10, depth=1).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        grid = analysis.feature_grid(model, images)
+        tokens = model.forward_features(images)[:, 1:]
+    assert grid.shape == (2, 192, 8, 8)
+    torch.testing.assert_close(grid[:, :, 2, 3], tokens[:, 2 * 8 + 3])  # row-major patch order
+    maps = analysis.attention_maps(model, images)
+    assert analysis.cls_attention(maps).shape == (2, 3, 8, 8)
+    rollout = analysis.rollout_cls_map(maps)
+    torch.testing.assert_close(rollout.sum((1, 2)), torch.ones(2, dtype=rollout.dtype))

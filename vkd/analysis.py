@@ -103,3 +103,29 @@ def translation_equivariance(features, images: torch.Tensor, shift: int, cell: i
     expected = reference[..., : reference.shape[-1] - shift]
     observed = shifted[..., shift:]
     return (observed - expected).square().flatten(1).sum(1) / expected.square().flatten(1).sum(1)
+
+
+def feature_grid(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The last features of ``model`` on its spatial grid, (B, C, h, w): a CNN's map as it is, a
+    ViT's patch tokens (prefix tokens dropped) reshaped to the patch grid."""
+    features = model.forward_features(images)
+    if features.dim() == 4:
+        return features
+    tokens = features[:, getattr(model, "num_prefix_tokens", 0):]
+    side = int(round(tokens.shape[1] ** 0.5))
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+
+def cls_attention(maps: list[torch.Tensor], prefix: int = 1) -> torch.Tensor:
+    """Last layer's attention from the class token to the patches, (B, heads, side, side)."""
+    last = maps[-1][:, :, 0, prefix:]
+    side = int(round(last.shape[-1] ** 0.5))
+    return last.reshape(*last.shape[:2], side, side)
+
+
+def rollout_cls_map(maps: list[torch.Tensor], prefix: int = 1) -> torch.Tensor:
+    """Attention rollout from the class token to the patches, (B, side, side), each map summing to 1."""
+    row = attention_rollout(maps)[:, 0, prefix:]
+    row = row / row.sum(-1, keepdim=True)
+    side = int(round(row.shape[-1] ** 0.5))
+    return row.reshape(-1, side, side)

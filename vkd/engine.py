@@ -15,7 +15,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -48,6 +48,7 @@ class TrainConfig:
     fraction: float = 1.0  # class-stratified fraction of the training set
     test_fraction: float = 1.0  # class-stratified fraction of the test set
     student: str = "resnet8x4"  # timm model name
+    student_options: dict = field(default_factory=dict)  # extra timm.create_model arguments, e.g. {"depth": 4}
     teacher: str | None = None  # timm model name of the frozen teacher
     teacher_checkpoint: str | None = None  # weights of the teacher (vkd or mdistiller format)
     teacher_sha256: str | None = None  # expected sha256 of the teacher checkpoint, checked when given
@@ -72,6 +73,16 @@ class TrainConfig:
 
     def run_dir(self) -> Path:
         return resolve(self.out_dir) / self.name
+
+    def digest(self) -> str:
+        """8 hex digits identifying the settings that shape the result (not name, out_dir, progress)."""
+        settings = {k: v for k, v in asdict(self).items() if k not in ("name", "out_dir", "progress")}
+        return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+    def named(self, prefix: str) -> TrainConfig:
+        """This config with name ``<prefix>-<digest>``: changing any setting gives a new run folder, and
+        rerunning with the same settings finds (and resumes or reuses) the old one."""
+        return replace(self, name=f"{prefix}-{self.digest()}")
 
 
 def _device(name: str) -> torch.device:
@@ -244,7 +255,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     train_loader, test_loader, num_classes = _loaders(config, device)
-    student = timm.create_model(config.student, num_classes=num_classes)
+    student = timm.create_model(config.student, num_classes=num_classes, **config.student_options)
     teacher, teacher_digest = build_teacher(config, num_classes)
     distiller = Distiller(student, teacher, MethodConfig.for_method(config.method, **config.method_options))
     distiller.to(device)
@@ -270,8 +281,9 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
 
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        if state["config"] != asdict(config):
-            changed = sorted(k for k, v in asdict(config).items() if state["config"].get(k) != v)
+        defaults = asdict(TrainConfig())  # settings added since the checkpoint was written count as defaults
+        changed = sorted(k for k, v in asdict(config).items() if state["config"].get(k, defaults[k]) != v)
+        if changed:
             raise ValueError(f"{checkpoint_path} belongs to a run with other settings ({changed}); "
                              f"use another name or delete {run_dir}")
         distiller.student.load_state_dict(state["student"])
@@ -334,7 +346,8 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
             return {"stopped_after_epoch": epoch + 1}
 
-    _save_atomic({"model": distiller.student.state_dict(), "arch": config.student, "num_classes": num_classes},
+    _save_atomic({"model": distiller.student.state_dict(), "arch": config.student, "num_classes": num_classes,
+                  "options": config.student_options},
                  run_dir / "model.pt")
     accuracies = [r["test_acc"] for r in rows]
     summary = {
@@ -349,12 +362,16 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     return summary
 
 
-def train_teacher(arch: str, epochs: int, **settings) -> tuple[str, dict]:
-    """Train (or reuse, if a finished run with the same settings exists) a teacher with method ``ce``.
+def train_teacher(arch: str, epochs: int, checkpoint: str = "", **settings) -> tuple[str, dict | None]:
+    """The weights of a teacher: ``checkpoint`` when given, else a teacher trained with method ``ce``
+    (or reused, if a finished run with the same settings exists).
 
     ``settings`` are further TrainConfig fields (out_dir, dataset, fraction, ...).  Returns the path
-    of its weights and its summary."""
-    config = TrainConfig(name=f"teacher-{arch}", student=arch, method="ce", epochs=epochs, **settings)
+    of the weights and the training summary (None for a given checkpoint)."""
+    if checkpoint:
+        return checkpoint, None
+    config = TrainConfig(student=arch, method="ce", epochs=epochs, **settings).named(f"teacher-{arch}")
     summary = train(config)
+    print(f"teacher {arch}: best {summary['best_acc']:.2f} %, last {summary['last_acc']:.2f} %, "
+          f"{summary['wall_seconds']:.0f} s on {summary['device']}")
     return str(config.run_dir() / "model.pt"), summary
-

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision import datasets, transforms
+from torchvision import datasets
 from tqdm.auto import tqdm
 
 from .paths import resolve
@@ -110,14 +110,6 @@ def stratified_indices(targets, fraction: float, seed: int = 0) -> np.ndarray:
         count = max(1, int(round(fraction * len(members))))
         chosen.append(rng.choice(members, count, replace=False))
     return np.sort(np.concatenate(chosen))
-
-
-def cifar_train_transform(mean, std) -> transforms.Compose:
-    """The standard CIFAR augmentation for PIL images: RandomCrop(32, padding 4), flip, normalise."""
-    return transforms.Compose([
-        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
 
 
 @dataclass

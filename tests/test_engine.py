@@ -92,3 +92,10 @@ def test_probes_are_recorded_and_survive_resume(data_root, tmp_path):
     train(config(data_root, tmp_path, name="every-step", epochs=1), probe=probe, probe_every=1)
     records = json.loads((tmp_path / "runs/every-step/probes.json").read_text())
     assert [r["step"] for r in records] == [0, 1, 2, 3]  # 6 training images, batch 2
+
+
+def test_resume_refuses_other_settings_but_not_cosmetic_ones(data_root, tmp_path):
+    train(config(data_root, tmp_path, name="same", epochs=1))
+    assert train(config(data_root, tmp_path, name="same", epochs=1, progress=True))["epochs"] == 1
+    with pytest.raises(ValueError, match=r"belongs to a run with other settings \(\['lr'\]\)"):
+        train(config(data_root, tmp_path, name="same", epochs=1, lr=0.1))

@@ -282,7 +282,8 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         defaults = asdict(TrainConfig())  # settings added since the checkpoint was written count as defaults
-        changed = sorted(k for k, v in asdict(config).items() if state["config"].get(k, defaults[k]) != v)
+        changed = sorted(k for k, v in asdict(config).items()
+                         if k not in ("name", "out_dir", "progress") and state["config"].get(k, defaults[k]) != v)
         if changed:
             raise ValueError(f"{checkpoint_path} belongs to a run with other settings ({changed}); "
                              f"use another name or delete {run_dir}")

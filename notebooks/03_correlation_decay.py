@@ -67,10 +67,7 @@ common = dict(dataset=dataset, download=download, fraction=fraction, test_fracti
 teacher_weights, _ = train_teacher(teacher, teacher_epochs, teacher_checkpoint, out_dir=f"{teachers_dir}/{tag}",
                                    **common)
 
-test = data.load_tensor_data(dataset, "test", download=download)
-probe_set = test.subset(data.stratified_indices(test.labels, min(1.0, probe_images / len(test.labels)), seed))
-mean, std = data.STATS["cifar100" if dataset == "cifar100" else "cifar10"]
-probe_batch = next(iter(data.TensorLoader(probe_set, len(probe_set.labels), mean, std, train=False)))[0]
+probe_batch, _ = data.test_batch(dataset, probe_images, seed, download=download)
 
 
 # %%

@@ -88,10 +88,8 @@ cnn = timm.create_model(teacher, num_classes=data.NUM_CLASSES[dataset])
 load_weights(cnn, teacher_weights)
 cnn.eval()
 
-test = data.load_tensor_data(dataset, "test", download=download)
-mean, std = data.STATS["cifar100" if dataset == "cifar100" else "cifar10"]
-chosen = test.subset(data.stratified_indices(test.labels, min(1.0, equivariance_images / len(test.labels)), seed))
-images = next(iter(data.TensorLoader(chosen, len(chosen.labels), mean, std, train=False)))[0]
+mean, std = data.stats(dataset)
+images, _ = data.test_batch(dataset, equivariance_images, seed, download=download)
 shown = images[torch.linspace(0, len(images) - 1, images_shown).long()]
 
 

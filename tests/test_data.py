@@ -66,3 +66,12 @@ def test_tensor_loader_eval_is_plain_normalisation():
     batches = list(loader)
     assert len(loader) == 3 and [b[2].tolist() for b in batches] == [[0, 1], [2, 3], [4]]
     torch.testing.assert_close(batches[0][0], (images[:2].float() / 255 - 0.5) / 0.25)
+
+
+def test_fixed_test_batch(tmp_path, monkeypatch, tiny_archive):
+    monkeypatch.setenv(data.ARCHIVE_ENV, str(tiny_archive))
+    images, labels = data.test_batch("cifar10-jpeg", 4, seed=0, root=tmp_path)
+    assert images.shape == (4, 3, 32, 32) and sorted(labels.tolist()) == [0, 0, 1, 1]
+    again, _ = data.test_batch("cifar10-jpeg", 4, seed=0, root=tmp_path)
+    assert torch.equal(images, again)
+    assert data.stats("cifar100") == data.STATS["cifar100"] and data.stats("cifar10-jpeg") == data.STATS["cifar10"]

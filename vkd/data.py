@@ -35,6 +35,11 @@ STATS = {  # per-dataset channel mean / std of the training images (the standard
 NUM_CLASSES = {"cifar10": 10, "cifar10-jpeg": 10, "cifar100": 100}
 
 
+def stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Channel mean and std (0-1 scale) used to normalise dataset ``name``."""
+    return STATS["cifar100" if name == "cifar100" else "imagenet" if name == "imagenet" else "cifar10"]
+
+
 class DataNotFoundError(FileNotFoundError):
     """A dataset is not where vkd looked; the message says where it looked and how to provide it."""
 
@@ -195,3 +200,12 @@ class TensorLoader:
             if self.train:
                 images = self._augment(images, generator)
             yield (images - self.mean) / self.std, self.labels[index], index
+
+
+def test_batch(name: str, count: int, seed: int = 0, root: str | Path = "data", download: bool = False):
+    """A fixed, class-stratified batch of about ``count`` normalised test images and their labels."""
+    test = load_tensor_data(name, "test", root, download)
+    chosen = test.subset(stratified_indices(test.labels, min(1.0, count / len(test.labels)), seed))
+    images, labels, _ = next(iter(TensorLoader(chosen, len(chosen.labels), *stats(name), train=False)))
+    return images, labels
+

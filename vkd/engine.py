@@ -156,7 +156,7 @@ def _loaders(config: TrainConfig, device: torch.device):
         train_data = train_data.subset(vdata.stratified_indices(train_data.labels, config.fraction, config.seed))
     if config.test_fraction < 1:
         test_data = test_data.subset(vdata.stratified_indices(test_data.labels, config.test_fraction, config.seed))
-    mean, std = vdata.STATS["cifar100" if config.dataset == "cifar100" else "cifar10"]
+    mean, std = vdata.stats(config.dataset)
     train = vdata.TensorLoader(train_data, config.batch_size, mean, std, True, device, seed=config.seed)
     test = vdata.TensorLoader(test_data, 256, mean, std, False, device)
     return train, test, len(train_data.classes)

@@ -64,3 +64,14 @@ def test_unknown_notebook_and_profile():
         run_notebook("nope")
     with pytest.raises(NotebookError, match="no profile 'huge'"):
         run_notebook("00", "huge")
+
+
+def test_missing_dataset_is_explained_not_a_deep_traceback(tmp_path):
+    if (project_root() / "data/cifar-100-python").exists():
+        pytest.skip("CIFAR-100 is present in data/, so it cannot be missing")
+    parameters = {"dataset": "cifar100", "runs_dir": str(tmp_path / "runs"), "figures_dir": str(tmp_path / "fig")}
+    with pytest.raises(NotebookError) as error:
+        run_notebook("01", "smoke", parameters, output_dir=tmp_path)
+    message = str(error.value)
+    assert "DataNotFoundError: cifar100 not found in" in message
+    assert "download=True" in message and "cifar10-jpeg" in message

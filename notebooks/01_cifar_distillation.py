@@ -36,6 +36,8 @@ teacher: str = "resnet32x4"  # teacher architecture (timm name)
 teacher_checkpoint: str = ""  # weights of a trained teacher; empty: train one here first
 teacher_sha256: str = ""  # expected checksum of teacher_checkpoint (optional)
 teacher_epochs: int = 240  # epochs when the teacher is trained here
+teacher_batch_size: int = 0  # batch size when the teacher is trained here; 0: batch_size
+teacher_lr: float = 0.0  # learning rate when the teacher is trained here; 0: lr
 student: str = "resnet8x4"  # student architecture (timm name)
 methods: list = ["ce", "kd", "fitnet", "dkd", "srd", "vkd", "srd+dkd"]  # vkd.distillers.METHODS
 epochs: int = 240  # student epochs
@@ -45,6 +47,7 @@ weight_decay: float = 5e-4
 teacher_cache_views: int = 0  # >0: cache teacher outputs for that many augmentation views (CPU speed-up)
 seed: int = 0
 device: str = "auto"  # auto | cpu | cuda
+parallel: int = 1  # students trained at once, as separate processes (several share one GPU well)
 
 # %%
 import json
@@ -53,7 +56,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from vkd.engine import TrainConfig, train, train_teacher
+from vkd.engine import TrainConfig, train_many, train_teacher
 from vkd.paths import output_dir, resolve
 from vkd.results import render_table, with_paper_numbers
 
@@ -69,25 +72,27 @@ common = dict(out_dir=f"{runs_dir}/{tag}", dataset=dataset, download=download, f
 # `model.pt` or an mdistiller CIFAR teacher checkpoint; its sha256 is recorded in every summary.
 
 # %%
-teacher_weights, teacher_summary = train_teacher(teacher, teacher_epochs, teacher_checkpoint, **common)
+teacher_settings = {**common, "batch_size": teacher_batch_size or batch_size, "lr": teacher_lr or lr}
+teacher_weights, teacher_summary = train_teacher(teacher, teacher_epochs, teacher_checkpoint, **teacher_settings)
 
 # %% [markdown]
 # ## Students
 
 # %%
-summaries = {}
-for method in methods:
-    summaries[method] = train(TrainConfig(
-        student=student, method=method, epochs=epochs, teacher=None if method == "ce" else teacher,
-        teacher_checkpoint=None if method == "ce" else teacher_weights, teacher_sha256=teacher_sha256 or None,
-        teacher_cache_views=0 if method == "ce" else teacher_cache_views, **common).named(f"{method}-{student}"))
-    s = summaries[method]
+configs = [TrainConfig(
+    student=student, method=method, epochs=epochs, teacher=None if method == "ce" else teacher,
+    teacher_checkpoint=None if method == "ce" else teacher_weights, teacher_sha256=teacher_sha256 or None,
+    teacher_cache_views=0 if method == "ce" else teacher_cache_views, **common).named(f"{method}-{student}")
+    for method in methods]
+summaries = dict(zip(methods, train_many(configs, parallel), strict=True))
+for method, s in summaries.items():
     print(f"{method:8s} best {s['best_acc']:6.2f} %  last {s['last_acc']:6.2f} %  {s['wall_seconds']:6.0f} s")
 
 # %%
 def row(method: str, s: dict) -> dict:
     return {"method": method, "teacher": teacher, "student": s["student"], "dataset": s["dataset"],
-            "fraction": s["fraction"], "epochs": s["epochs"], "seed": s["seed"], "best_top1": round(s["best_acc"], 2),
+            "fraction": s["fraction"], "epochs": s["epochs"], "batch": s["config"]["batch_size"], "seed": s["seed"],
+            "best_top1": round(s["best_acc"], 2),
             "last_top1": round(s["last_acc"], 2), "wall_s": round(s["wall_seconds"]), "device": s["device"],
             "profile": profile, "git": s["git_revision"]}
 

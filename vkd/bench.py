@@ -22,16 +22,21 @@ def _forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) ->
     return step
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], reps: int = 20, slow_s: float = 1.0) -> dict[str, float]:
+def time_interleaved(steps: dict[str, Callable[[], None]], reps: int = 20, slow_s: float = 1.0,
+                     warmup: int = 0) -> dict[str, float]:
     """Median seconds per call of each step, run round-robin so drifts in machine speed hit all alike.
 
-    A step whose first call takes longer than ``slow_s`` is reported by that one call (warm-up
-    effects are negligible at that scale); the others are warmed up once, then timed ``reps`` times."""
+    Each step first runs ``warmup`` untimed calls (GPU: kernel selection, allocator).  A step whose
+    next call takes longer than ``slow_s`` is reported by that one call (warm-up effects are
+    negligible at that scale); the others count that call as a warm-up, then are timed ``reps`` times."""
     def timed(step: Callable[[], None]) -> float:
         start = time.perf_counter()
         step()
         return time.perf_counter() - start
 
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
     first = {name: timed(step) for name, step in steps.items()}
     times = {name: [t] if t > slow_s else [] for name, t in first.items()}
     fast = [name for name, t in first.items() if t <= slow_s]
@@ -41,6 +46,24 @@ def time_interleaved(steps: dict[str, Callable[[], None]], reps: int = 20, slow_
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def synchronized(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``step`` followed by waiting for the device, so that host clocks time the device's work too."""
+    if device.type != "cuda":
+        return step
+
+    def run() -> None:
+        step()
+        torch.cuda.synchronize(device)
+
+    return run
+
+
 def bench_projectors(
     student_dims: Iterable[int] = (192, 384),
     teacher_dims: Iterable[int] = (3024,),
@@ -48,25 +71,30 @@ def bench_projectors(
     batch: int = 256,
     reps: int = 20,
     seed: int = 0,
+    device: str = "cpu",
 ) -> pd.DataFrame:
-    """Forward+backward time of each orthogonal method vs ``nn.Linear`` (same sizes, same process).
+    """Forward+backward time of each orthogonal method vs ``nn.Linear`` (same sizes, same process, float32).
 
     Returns one row per (method, d_s, d_t): ms, ratio_to_linear, orthogonality_error = max|PᵀP - I|."""
     torch.manual_seed(seed)
+    device = resolve_device(device)
     rows = []
     for d_t in teacher_dims:
         for d_s in student_dims:
             if d_s > d_t:
                 continue
-            x = torch.randn(batch, d_s, requires_grad=True)
-            grad = torch.randn(batch, d_t)
+            x = torch.randn(batch, d_s, device=device, requires_grad=True)
+            grad = torch.randn(batch, d_t, device=device)
             modules: dict[str, nn.Module] = {"linear": nn.Linear(d_s, d_t, bias=False)}
             modules.update({m: OrthogonalProjector(d_s, d_t, method=m) for m in methods})
-            seconds = time_interleaved({n: _forward_backward(m, x, grad) for n, m in modules.items()}, reps)
+            modules = {name: module.to(device) for name, module in modules.items()}
+            seconds = time_interleaved({n: synchronized(_forward_backward(m, x, grad), device)
+                                        for n, m in modules.items()}, reps, warmup=3 if device.type == "cuda" else 0)
             for name, module in modules.items():
                 with torch.no_grad():
-                    w = module.weight.float()
-                    error = (w.mT @ w - torch.eye(d_s)).abs().max().item() if name != "linear" else float("nan")
+                    w = module.weight.double()
+                    eye = torch.eye(d_s, dtype=w.dtype, device=device)
+                    error = (w.mT @ w - eye).abs().max().item() if name != "linear" else float("nan")
                 rows.append(
                     dict(
                         method=name, student_dim=d_s, teacher_dim=d_t, batch=batch, ms=seconds[name] * 1e3,
@@ -77,32 +105,91 @@ def bench_projectors(
 
 
 def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str = "vkd", batch: int = 64,
-                steps: int = 20, num_classes: int = 10, seed: int = 0) -> pd.DataFrame:
+                steps: int = 20, num_classes: int = 10, image_size: int = 32, device: str = "cpu",
+                method_options: dict | None = None, seed: int = 0) -> pd.DataFrame:
     """Training-step throughput (images/s) of the student alone, and with ``method`` distilling from
-    ``teacher`` with teacher outputs from the cache (steady state) and computed on the fly."""
+    ``teacher`` with teacher outputs from the cache (steady state) and computed on the fly.
+
+    On a GPU the steps run as the engine runs them: bf16 autocast, channels_last, synchronised per step."""
     import timm
 
     from .distillers import Distiller, MethodConfig
     from .engine import train_step
 
     torch.manual_seed(seed)
-    images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, num_classes, (batch,))
+    device = resolve_device(device)
+    gpu = device.type == "cuda"
+    torch.backends.cudnn.benchmark = gpu
+    memory_format = torch.channels_last if gpu else torch.contiguous_format
+    images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
     frozen = timm.create_model(teacher, num_classes=num_classes)
+
+    def distiller(name: str, with_teacher: bool) -> Distiller:
+        config = MethodConfig.for_method(name, **(method_options or {} if name != "ce" else {}))
+        model = Distiller(timm.create_model(student, num_classes=num_classes), frozen if with_teacher else None,
+                          config)
+        return model.to(device, memory_format=memory_format)
+
     setups = {
-        "student alone (ce)": Distiller(timm.create_model(student, num_classes=num_classes), None,
-                                        MethodConfig.for_method("ce")),
-        f"{method}, cached teacher": Distiller(timm.create_model(student, num_classes=num_classes), frozen,
-                                               MethodConfig.for_method(method)),
-        f"{method}, teacher on the fly": Distiller(timm.create_model(student, num_classes=num_classes), frozen,
-                                                   MethodConfig.for_method(method)),
+        "student alone (ce)": distiller("ce", False),
+        f"{method}, cached teacher": distiller(method, True),
+        f"{method}, teacher on the fly": distiller(method, True),
     }
-    cached = setups[f"{method}, cached teacher"].teacher_outputs(images, pooled=True)  # as TeacherCache returns
+    with autocast:  # as TeacherCache returns them
+        cached = setups[f"{method}, cached teacher"].teacher_outputs(images, pooled=True)
+    cached = (cached[0].float(), cached[1].float())
     steps_by_name = {}
-    for name, distiller in setups.items():
-        optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01, momentum=0.9)
+    for name, model in setups.items():
+        optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.01, momentum=0.9)
         outputs = cached if "cached" in name else None
-        steps_by_name[name] = (lambda d=distiller, o=optimizer, t=outputs: train_step(d, o, images, labels, 0, t))
-    seconds = time_interleaved(steps_by_name, reps=steps)
+        steps_by_name[name] = synchronized(
+            lambda d=model, o=optimizer, t=outputs: train_step(d, o, images, labels, 0, t, autocast), device)
+    seconds = time_interleaved(steps_by_name, reps=steps, warmup=3 if gpu else 0)
     base = seconds["student alone (ce)"]
-    return pd.DataFrame([{"setup": name, "images_per_s": batch / s, "time_vs_student_alone": s / base}
-                         for name, s in seconds.items()])
+    return pd.DataFrame([{"setup": name, "ms_per_step": s * 1e3, "images_per_s": batch / s,
+                          "time_vs_student_alone": s / base} for name, s in seconds.items()])
+
+
+def bench_deit(student: str = "deit_tiny_distilled_patch16_224", teacher: str = "regnety_160", batch: int = 256,
+               steps: int = 10, image_size: int = 224, num_classes: int = 1000, device: str = "auto",
+               seed: int = 0) -> pd.DataFrame:
+    """A DeiT training step (AdamW, bf16 autocast and channels_last on a GPU) on synthetic images:
+    the student alone (CE on the class head), with the teacher's forward and KD (T=1) on the
+    distillation head, and with VkD added (orthogonal projection of the mean patch token to the
+    teacher's layer-normed pooled features, smooth-L1).  The last row's ratio to the second is the
+    cost of the VkD terms (projection, normalisation, loss)."""
+    import timm
+
+    from .distillers import Distiller, MethodConfig
+    from .engine import train_step
+
+    torch.manual_seed(seed)
+    device = resolve_device(device)
+    gpu = device.type == "cuda"
+    torch.backends.cudnn.benchmark = gpu
+    memory_format = torch.channels_last if gpu else torch.contiguous_format
+    images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
+    frozen = timm.create_model(teacher, num_classes=num_classes).to(device, memory_format=memory_format)
+    deit_objective = {"ce_weight": 1.0, "kd_weight": 1.0, "temperature": 1.0}
+    configs = {
+        "student alone (ce)": (MethodConfig.for_method("ce"), None),
+        "+ teacher forward, KD": (MethodConfig.for_method("kd", **deit_objective), frozen),
+        "+ teacher forward, KD + VkD": (MethodConfig.for_method("vkd", **deit_objective), frozen),
+    }
+    steps_by_name = {}
+    for name, (config, frozen_teacher) in configs.items():
+        model = Distiller(timm.create_model(student, num_classes=num_classes), frozen_teacher, config)
+        model = model.to(device, memory_format=memory_format)
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=5e-4, weight_decay=0.05, fused=gpu)
+        steps_by_name[name] = synchronized(
+            lambda d=model, o=optimizer: train_step(d, o, images, labels, 0, None, autocast), device)
+    seconds = time_interleaved(steps_by_name, reps=steps, warmup=3 if gpu else 0)
+    names = list(seconds)
+    return pd.DataFrame([{"setup": name, "ms_per_step": s * 1e3, "images_per_s": batch / s,
+                          "time_vs_student_alone": s / seconds[names[0]],
+                          "time_vs_previous_row": s / seconds[names[max(0, i - 1)]]}
+                         for i, (name, s) in enumerate(seconds.items())])

@@ -1,4 +1,4 @@
-"""Command line: ``python -m vkd {run,reproduce,bench} ...``."""
+"""Command line: ``python -m vkd {run,reproduce,train,bench} ...``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,19 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("-f", "--params-file", help="YAML file of parameters, applied after the profile")
         sub.add_argument("--output-dir", help="where executed notebooks go (default notebooks/executed)")
         sub.add_argument("--log-output", action="store_true", help="stream the notebook's output")
+        sub.add_argument("--as-script", action="store_true",
+                         help="run the source as a plain Python script (no Jupyter needed; no executed notebook)")
+
+    training_run = commands.add_parser("train", help="train one run (student, optional teacher, method)")
+    training_run.add_argument("--config", help="YAML file of vkd.engine.TrainConfig fields")
+    training_run.add_argument("-s", "--set", nargs=2, action="append", metavar=("FIELD", "VALUE"),
+                              help="override a field (VALUE is read as YAML)")
+    training_run.add_argument("--named", metavar="PREFIX", help="name the run PREFIX-<digest of its settings>")
+
+    export = commands.add_parser("export", help="a finished run's weights as a (half-precision) file")
+    export.add_argument("run_dir", help="the run folder (holding model.pt and summary.json)")
+    export.add_argument("path", help="the file to write")
+    export.add_argument("--float32", action="store_true", help="keep float32 weights")
 
     bench = commands.add_parser("bench", help="performance benchmarks (ratios measured in one process)")
     bench_kind = bench.add_subparsers(dest="what", required=True)
@@ -35,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     projectors.add_argument("--methods", nargs="+", default=None)
     projectors.add_argument("--batch", type=int, default=256)
     projectors.add_argument("--reps", type=int, default=20)
+    projectors.add_argument("--device", default="cpu", help="cpu | cuda | auto")
 
     training = bench_kind.add_parser("train", help="student alone vs student + teacher + distillation")
     training.add_argument("--student", default="resnet8")
@@ -42,37 +56,89 @@ def main(argv: list[str] | None = None) -> int:
     training.add_argument("--method", default="vkd")
     training.add_argument("--batch", type=int, default=64)
     training.add_argument("--steps", type=int, default=20)
+    training.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    training.add_argument("--option", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                          help="a method option (vkd.distillers.MethodConfig field; VALUE read as YAML)")
+
+    deit = bench_kind.add_parser("deit", help="DeiT step: student alone, + teacher forward and KD, + VkD")
+    deit.add_argument("--student", default="deit_tiny_distilled_patch16_224")
+    deit.add_argument("--teacher", default="regnety_160")
+    deit.add_argument("--batch", type=int, default=256)
+    deit.add_argument("--image-size", type=int, default=224)
+    deit.add_argument("--steps", type=int, default=10)
+    deit.add_argument("--device", default="auto", help="cpu | cuda | auto")
 
     args = parser.parse_args(argv)
     if args.command in ("run", "reproduce"):
-        from .notebooks import NotebookError, list_notebooks, run_notebook
+        from .notebooks import NotebookError, list_notebooks, run_as_script, run_notebook
 
         names = [args.notebook] if args.command == "run" else list_notebooks()
         try:
             for name in names:
-                run_notebook(name, args.profile, _parse_overrides(args.parameter), args.params_file,
-                             args.output_dir, args.log_output)
+                if args.as_script:
+                    run_as_script(name, args.profile, _parse_overrides(args.parameter), args.params_file)
+                else:
+                    run_notebook(name, args.profile, _parse_overrides(args.parameter), args.params_file,
+                                 args.output_dir, args.log_output)
         except NotebookError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "train":
+        import json
+
+        from .engine import config_from_file, make_config, train
+
+        overrides = _parse_overrides(args.set)
+        try:
+            config = config_from_file(args.config, **overrides) if args.config else make_config(**overrides)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if args.named:
+            config = config.named(args.named)
+        summary = train(config)
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+        return 0
+    if args.command == "export":
+        import json
+
+        from .engine import export_weights
+
+        print(json.dumps(export_weights(args.run_dir, args.path, half=not args.float32)))
+        return 0
     if args.what == "projectors":
-        import torch
 
         from .bench import bench_projectors
         from .projectors import ORTHOGONAL_METHODS
 
         table = bench_projectors(args.student_dims, args.teacher_dims, args.methods or ORTHOGONAL_METHODS,
-                                 args.batch, args.reps)
-        print(f"forward+backward, batch {args.batch}, float32, {torch.get_num_threads()} CPU threads")
+                                 args.batch, args.reps, device=args.device)
+        print(f"forward+backward, batch {args.batch}, float32, {_where(args.device)}")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.what == "train":
-        import torch
 
         from .bench import bench_train
 
-        table = bench_train(args.student, args.teacher, args.method, args.batch, args.steps)
+        table = bench_train(args.student, args.teacher, args.method, args.batch, args.steps, device=args.device,
+                            method_options=_parse_overrides(args.option))
         print(f"training steps of {args.student} (teacher {args.teacher}), batch {args.batch}, 32 px, "
-              f"{torch.get_num_threads()} CPU threads")
+              f"{_where(args.device)}")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if args.what == "deit":
+        from .bench import bench_deit
+
+        table = bench_deit(args.student, args.teacher, args.batch, args.steps, args.image_size, device=args.device)
+        print(f"training steps of {args.student} (teacher {args.teacher}), batch {args.batch}, {args.image_size} px, "
+              f"synthetic data, {_where(args.device)}")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
+
+
+def _where(device: str) -> str:
+    """The device a benchmark ran on, in words."""
+
+    from .bench import resolve_device
+    from .engine import device_description
+
+    return device_description(resolve_device(device))

@@ -80,6 +80,7 @@ class Distiller(nn.Module):
     """Student + optional frozen teacher + the loss modules that ``config`` switches on.
 
     ``forward(images, labels, epoch)`` -> (student logits (B, C), {term: weighted scalar loss}).
+    ``labels`` are class indices (B,) or class probabilities (B, C) (mixup / cutmix, label smoothing).
     Teacher outputs may be passed in (``teacher_outputs=(features, logits)``, e.g. pooled from a cache)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, config: MethodConfig):
@@ -92,6 +93,8 @@ class Distiller(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+        if hasattr(student, "set_distilled_training"):  # DeiT⚗: class head and distillation head apart
+            student.set_distilled_training(True)
         d_s = getattr(student, "num_features", None)
         d_t = getattr(teacher, "num_features", None)
         self.losses = nn.ModuleDict()
@@ -143,17 +146,20 @@ class Distiller(nn.Module):
                 teacher_outputs: tuple[torch.Tensor, torch.Tensor] | None = None):
         c = self.config
         features = self.student.forward_features(images)
-        logits = self.student.forward_head(features)
+        heads = self.student.forward_head(features)
+        # a distilled DeiT returns (class logits, distillation logits) in training; the logit losses
+        # distil into the distillation head, cross-entropy trains the class head
+        logits, distill_logits = heads if isinstance(heads, tuple) else (heads, heads)
         features = distillation_features(self.student, features)
         terms = {"ce": c.ce_weight * F.cross_entropy(logits, labels)} if c.ce_weight else {}
         if not self.losses:
             return logits, terms
         t_features, t_logits = teacher_outputs if teacher_outputs is not None else self.teacher_outputs(images)
         if "kd" in self.losses:
-            terms["kd"] = c.kd_weight * self.losses["kd"](logits, t_logits)
+            terms["kd"] = c.kd_weight * self.losses["kd"](distill_logits, t_logits)
         if "dkd" in self.losses:
             warmup = min(1.0, (epoch + 1) / c.dkd_warmup_epochs) if c.dkd_warmup_epochs else 1.0
-            terms["dkd"] = c.dkd_weight * warmup * self.losses["dkd"](logits, t_logits, labels)
+            terms["dkd"] = c.dkd_weight * warmup * self.losses["dkd"](distill_logits, t_logits, labels)
         for name in ("fitnet", "srd", "vkd"):
             if name in self.losses:
                 terms[name] = getattr(c, f"{name}_weight") * self.losses[name](features, t_features)

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -74,15 +75,26 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return resolve(self.out_dir) / self.name
 
+    def settings(self) -> dict:
+        """The fields that shape the result (all but name, out_dir, progress), JSON-normalised."""
+        return _shaping_settings(asdict(self))
+
     def digest(self) -> str:
-        """8 hex digits identifying the settings that shape the result (not name, out_dir, progress)."""
-        settings = {k: v for k, v in asdict(self).items() if k not in ("name", "out_dir", "progress")}
-        return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        """8 hex digits identifying :meth:`settings`."""
+        return hashlib.sha1(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:8]
 
     def named(self, prefix: str) -> TrainConfig:
         """This config with name ``<prefix>-<digest>``: changing any setting gives a new run folder, and
         rerunning with the same settings finds (and resumes or reuses) the old one."""
         return replace(self, name=f"{prefix}-{self.digest()}")
+
+
+def _shaping_settings(config: dict) -> dict:
+    """``config`` (a TrainConfig as a dict, possibly read back from JSON or an older checkpoint) without
+    the fields that do not shape the result, with fields added since it was written at their defaults."""
+    defaults = {k: v for k, v in asdict(TrainConfig()).items() if k not in ("name", "out_dir", "progress")}
+    merged = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+    return json.loads(json.dumps(merged, default=str))  # tuples -> lists, as after a JSON round trip
 
 
 def _device(name: str) -> torch.device:
@@ -140,6 +152,25 @@ def load_weights(model: nn.Module, path: str | Path, expected_sha256: str | None
     return digest
 
 
+def export_weights(run_dir: str | Path, path: str | Path, half: bool = True) -> dict:
+    """Write a finished run's final weights to ``path`` (half precision by default: a teacher for others).
+
+    The file is ``{"model": state_dict, "arch", "num_classes", "options", "test_acc"}`` (loadable by
+    :func:`load_weights`); returns its description: path, sha256, arch, test accuracy (last epoch, %)."""
+    run_dir = resolve(run_dir)
+    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if half:
+        state["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
+    state["test_acc"] = summary["last_acc"]
+    path = resolve(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_atomic(state, path)
+    return {"path": str(path), "sha256": sha256(path), "arch": state["arch"], "test_acc": summary["last_acc"],
+            "dataset": summary["dataset"], "epochs": summary["epochs"], "device": summary["device"],
+            "wall_seconds": summary["wall_seconds"]}
+
+
 def build_teacher(config: TrainConfig, num_classes: int) -> tuple[nn.Module | None, str | None]:
     if config.teacher is None:
         return None, None
@@ -158,6 +189,9 @@ def _loaders(config: TrainConfig, device: torch.device):
         test_data = test_data.subset(vdata.stratified_indices(test_data.labels, config.test_fraction, config.seed))
     mean, std = vdata.stats(config.dataset)
     train = vdata.TensorLoader(train_data, config.batch_size, mean, std, True, device, seed=config.seed)
+    if len(train) == 0:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_data.labels)} training images "
+                         f"(fraction {config.fraction}); an epoch would have no step")
     test = vdata.TensorLoader(test_data, 256, mean, std, False, device)
     return train, test, len(train_data.classes)
 
@@ -166,14 +200,15 @@ def _loaders(config: TrainConfig, device: torch.device):
 def evaluate(model: nn.Module, loader, autocast) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy of ``model`` over ``loader``."""
     model.eval()
-    correct = loss = count = 0
-    for images, labels, _ in loader:
+    correct = loss = 0
+    count = 0
+    for images, labels, _ in loader:  # sums stay on the device: one synchronisation per evaluation
         with autocast:
             logits = model(images)
-        loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
+        loss = loss + F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct = correct + (logits.argmax(1) == labels).sum()
         count += len(labels)
-    return {"test_acc": 100.0 * correct / count, "test_loss": loss / count}
+    return {"test_acc": 100.0 * float(correct) / count, "test_loss": float(loss) / count}
 
 
 class TeacherCache:
@@ -181,19 +216,25 @@ class TeacherCache:
 
     Epoch e uses augmentation view e mod views (the loader replays that view's shuffle, crops and
     flips), so from epoch ``views`` on the teacher is never run again.  Features are stored pooled,
-    (d_t,) per image: exact for the pooled feature losses (VkD, SRD) and the logit losses."""
+    (d_t,) per image: exact for the pooled feature losses (VkD, SRD) and the logit losses.  A view
+    counts as filled once an epoch over it has ended (``complete``); an epoch replays exactly the
+    batches of the first pass, so no per-sample bookkeeping (and no device synchronisation) is needed."""
 
     def __init__(self, views: int, num_samples: int, device: torch.device):
         self.views, self.num_samples, self.device = views, num_samples, device
         self.features: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
-        self.filled = torch.zeros(views, num_samples, dtype=torch.bool, device=device)
+        self.filled: set[int] = set()
 
     def view(self, epoch: int) -> int:
         return epoch % self.views
 
+    def complete(self, view: int) -> None:
+        """Record that an epoch over ``view`` has ended: its entries are filled from now on."""
+        self.filled.add(view)
+
     def lookup(self, view: int, index: torch.Tensor, distiller: Distiller, images: torch.Tensor):
-        if self.features is not None and bool(self.filled[view, index].all()):
+        if view in self.filled:
             return self.features[view, index].float(), self.logits[view, index].float()
         pooled, logits = distiller.teacher_outputs(images, pooled=True)
         if self.features is None:
@@ -203,17 +244,19 @@ class TeacherCache:
                                       device=self.device)
         self.features[view, index] = pooled.half()
         self.logits[view, index] = logits.half()
-        self.filled[view, index] = True
         return pooled.float(), logits
 
 
 def train_step(distiller: Distiller, optimizer, images, labels, epoch: int = 0, teacher_outputs=None,
                autocast=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimisation step of ``distiller``; returns (student logits, weighted loss terms)."""
+    """One optimisation step of ``distiller``; returns (student logits, weighted loss terms).
+
+    On the CPU a non-finite loss raises here; on a GPU that check would stall the pipeline every
+    step, so ``train`` checks the epoch's summed terms instead (before any checkpoint is written)."""
     with autocast if autocast is not None else torch.autocast(images.device.type, enabled=False):
         logits, terms = distiller(images, labels, epoch, teacher_outputs=teacher_outputs)
         loss = sum(terms.values())
-    if not torch.isfinite(loss):
+    if loss.device.type == "cpu" and not torch.isfinite(loss):
         raise NonFiniteLossError(f"non-finite loss ({ {k: float(v.detach()) for k, v in terms.items()} })")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -249,9 +292,15 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     ``probe(distiller)`` -> dict of JSON values is called (in eval mode, without gradients) before
     training and then every ``probe_every`` optimiser steps, or after every epoch when 0; its records
     go to ``probes.json`` (e.g. projector singular values).  ``stop_after_epoch`` (1-based) ends the
-    call after that epoch as if interrupted (for tests).  Returns the summary also written to summary.json."""
-    device = _device(config.device)
+    call after that epoch as if interrupted (for tests).  Returns the summary also written to summary.json;
+    a finished run with the same settings is not trained again: its summary is returned as it is."""
     run_dir = config.run_dir()
+    finished = run_dir / "summary.json"
+    if finished.is_file():
+        summary = json.loads(finished.read_text())
+        if _shaping_settings(summary["config"]) == config.settings():
+            return summary
+    device = _device(config.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     train_loader, test_loader, num_classes = _loaders(config, device)
@@ -262,6 +311,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     if device.type == "cuda" and config.channels_last:
         distiller.to(memory_format=torch.channels_last)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
     optimizer = create_optimizer_v2(distiller.trainable_parameters(), opt=config.optimizer, lr=config.lr,
                                     weight_decay=config.weight_decay, momentum=config.momentum)
     scheduler = _scheduler(config, optimizer)
@@ -279,11 +329,15 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         distiller.train()
         (run_dir / "probes.json").write_text(json.dumps(probes))
 
+    def non_finite(epoch: int, detail: str):
+        kept = f"the checkpoint of epoch {epoch} ({checkpoint_path}) is intact" if epoch else "no epoch ended"
+        raise NonFiniteLossError(f"{config.name}, epoch {epoch + 1}: {detail}; {kept}. "
+                                 f"Lower the learning rate or check the inputs.") from None
+
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        defaults = asdict(TrainConfig())  # settings added since the checkpoint was written count as defaults
-        changed = sorted(k for k, v in asdict(config).items()
-                         if k not in ("name", "out_dir", "progress") and state["config"].get(k, defaults[k]) != v)
+        previous = _shaping_settings(state["config"])
+        changed = sorted(k for k, v in config.settings().items() if previous[k] != v)
         if changed:
             raise ValueError(f"{checkpoint_path} belongs to a run with other settings ({changed}); "
                              f"use another name or delete {run_dir}")
@@ -318,9 +372,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
             try:
                 logits, terms = train_step(distiller, optimizer, images, labels, epoch, outputs, autocast)
             except NonFiniteLossError as error:
-                kept = f"the checkpoint of epoch {epoch} ({checkpoint_path}) is intact" if epoch else "no epoch ended"
-                raise NonFiniteLossError(f"{config.name}, epoch {epoch + 1}: {error}; {kept}. "
-                                         f"Lower the learning rate or check the inputs.") from None
+                non_finite(epoch, str(error))
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0) + value.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
@@ -328,6 +380,11 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
             step += 1
             if probe is not None and probe_every and step % probe_every == 0:
                 record_probe(epoch + (seen / len(train_loader.labels)), step)
+        if not all(torch.isfinite(v).item() for v in sums.values()):
+            summed = {k: float(v) for k, v in sums.items()}
+            non_finite(epoch, f"non-finite loss in this epoch (summed terms {summed})")
+        if cache is not None:
+            cache.complete(view)
         scheduler.step(epoch + 1)
         row = {"epoch": epoch + 1, "lr": lr}
         row.update({f"train_{k}": (v / seen).item() for k, v in sums.items()})
@@ -376,3 +433,66 @@ def train_teacher(arch: str, epochs: int, checkpoint: str = "", **settings) -> t
     print(f"teacher {arch}: best {summary['best_acc']:.2f} %, last {summary['last_acc']:.2f} %, "
           f"{summary['wall_seconds']:.0f} s on {summary['device']}")
     return str(config.run_dir() / "model.pt"), summary
+
+
+def config_from_file(path: str | Path, **overrides) -> TrainConfig:
+    """A TrainConfig from a YAML (or JSON) file of its fields, then ``overrides``; unknown fields are refused."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    values = {**(yaml.safe_load(path.read_text()) or {}), **overrides}
+    return make_config(**values)
+
+
+def make_config(**values) -> TrainConfig:
+    """``TrainConfig(**values)`` with a clear error naming any field it does not have."""
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown training setting(s) {', '.join(map(repr, unknown))}; "
+                         f"the settings are: {', '.join(sorted(known))}")
+    if "milestones" in values:
+        values["milestones"] = tuple(values["milestones"])
+    return TrainConfig(**values)
+
+
+def train_many(configs: list[TrainConfig], processes: int = 1) -> list[dict]:
+    """Train ``configs`` and return their summaries, in order.
+
+    ``processes=1`` trains them one after the other in this process.  More runs them concurrently as
+    ``python -m vkd train`` processes (each writes ``config.json`` and ``train.log`` into its run
+    folder): small CIFAR models leave a GPU mostly idle, so several runs share one well; with several
+    GPUs visible the processes are spread over them; on the CPU the cores are divided between them.
+    Finished runs are reused and interrupted ones resume, as with :func:`train`."""
+    if processes <= 1:
+        return [train(config) for config in configs]
+    gpus = torch.cuda.device_count()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
+    waiting, running, failed = list(enumerate(configs)), {}, []
+    bar = tqdm(total=len(configs), desc=f"{len(configs)} runs, {processes} at a time", mininterval=5)
+    while waiting or running:
+        while waiting and len(running) < processes:
+            slot, config = waiting.pop(0)
+            run_dir = config.run_dir()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(asdict(replace(config, progress=False)), indent=1))
+            if gpus > 1:
+                env = {**env, "CUDA_VISIBLE_DEVICES": str(slot % gpus)}
+            with open(run_dir / "train.log", "a") as log:
+                command = [sys.executable, "-m", "vkd", "train", "--config", str(run_dir / "config.json")]
+                running[slot] = subprocess.Popen(command, cwd=project_root(), env=env, stdout=log,
+                                                 stderr=subprocess.STDOUT)
+        time.sleep(1)
+        for slot, process in list(running.items()):
+            if process.poll() is not None:
+                del running[slot]
+                bar.update()
+                if process.returncode:
+                    log = (configs[slot].run_dir() / "train.log").read_text().strip().splitlines()
+                    failed.append(f"{configs[slot].name} (exit {process.returncode}): " + "\n    ".join(log[-5:]))
+    bar.close()
+    if failed:
+        raise RuntimeError("training failed for " + "\n  ".join(failed))
+    return [json.loads((config.run_dir() / "summary.json").read_text()) for config in configs]

@@ -9,14 +9,13 @@ notebook's stem; a user's ``--params-file`` and ``-p NAME VALUE`` overrides come
 
 from __future__ import annotations
 
+import ast
+import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import jupytext
-import nbformat
-import papermill
 import yaml
 
 from .paths import project_root
@@ -60,17 +59,31 @@ def load_profile(profile: str, stem: str) -> dict[str, Any]:
 
 def inspect_parameters(name: str | Path) -> dict[str, Any]:
     """The parameters a notebook declares: name -> papermill's record (default, type, help)."""
+    import jupytext
+
     path = find_notebook(name)
     return _declared_parameters(jupytext.read(path), path)
 
 
-def _declared_parameters(notebook: nbformat.NotebookNode, path: Path) -> dict[str, Any]:
+def _declared_parameters(notebook, path: Path) -> dict[str, Any]:
+    import nbformat
+    import papermill
+
     if not any("parameters" in cell.get("metadata", {}).get("tags", []) for cell in notebook.cells):
         raise NotebookError(f"{path.name} has no cell tagged 'parameters'")
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / f"{path.stem}.ipynb"
         nbformat.write(notebook, source)
         return papermill.inspect_notebook(str(source))
+
+
+def _parameter_values(path: Path, profile: str, parameters: dict[str, Any] | None,
+                      params_file: str | Path | None) -> dict[str, Any]:
+    values = load_profile(profile, path.stem)
+    if params_file is not None:
+        values.update(yaml.safe_load(Path(params_file).read_text()) or {})
+    values.update(parameters or {})
+    return values
 
 
 def run_notebook(
@@ -85,11 +98,11 @@ def run_notebook(
 
     Parameter names the notebook does not declare are refused; a failing cell raises NotebookError
     naming the cell, the exception and the executed copy, which holds the full traceback."""
+    import jupytext
+    import papermill
+
     path = find_notebook(name)
-    values = load_profile(profile, path.stem)
-    if params_file is not None:
-        values.update(yaml.safe_load(Path(params_file).read_text()) or {})
-    values.update(parameters or {})
+    values = _parameter_values(path, profile, parameters, params_file)
     notebook = jupytext.read(path)
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     declared = _declared_parameters(notebook, path)
@@ -115,3 +128,44 @@ def run_notebook(
         ) from None
     print(f"{path.name} ({profile}) ran in {time.perf_counter() - start:.0f} s -> {output}")
     return output
+
+
+PARAMETERS_MARKER = '# %% tags=["parameters"]'
+
+
+def run_as_script(
+    name: str | Path,
+    profile: str = "smoke",
+    parameters: dict[str, Any] | None = None,
+    params_file: str | Path | None = None,
+) -> None:
+    """Execute a notebook's source as a plain Python script, with the same parameters as :func:`run_notebook`.
+
+    For machines without Jupyter (e.g. a bare GPU server): the cells run in order in one namespace,
+    the parameter values are assigned right after the parameters cell (as papermill injects them),
+    figures and CSVs are written as usual, but no executed notebook is.  Because runs are reused by
+    their settings, running the notebook later with the same parameters only gathers the results."""
+    path = find_notebook(name)
+    values = _parameter_values(path, profile, parameters, params_file)
+    source = path.read_text()
+    if PARAMETERS_MARKER not in source:
+        raise NotebookError(f"{path.name} has no cell tagged 'parameters'")
+    head, rest = source.split(PARAMETERS_MARKER, 1)
+    cell, _, tail = rest.partition("\n# %%")
+    declared = {node.target.id for node in ast.parse(cell).body if isinstance(node, ast.AnnAssign)}
+    unknown = sorted(set(values) - declared)
+    if unknown:
+        raise NotebookError(f"{path.name} declares no parameter {', '.join(map(repr, unknown))}; "
+                            f"its parameters are: {', '.join(sorted(declared))}")
+    injected = "".join(f"{key} = {value!r}\n" for key, value in values.items())
+    code = f"{head}{PARAMETERS_MARKER}{cell}\n# injected parameters\n{injected}\n# %%{tail}"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    start, cwd = time.perf_counter(), os.getcwd()
+    os.chdir(project_root())
+    try:
+        exec(compile(code, str(path), "exec"), {"__name__": "__main__", "__file__": str(path)})
+    finally:
+        os.chdir(cwd)
+    print(f"{path.name} ({profile}) ran as a script in {time.perf_counter() - start:.0f} s")

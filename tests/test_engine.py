@@ -1,11 +1,14 @@
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
+import timm
 import torch
 
 from vkd import data
-from vkd.engine import NonFiniteLossError, TrainConfig, load_weights, train
+from vkd.cli import main
+from vkd.engine import NonFiniteLossError, TrainConfig, export_weights, load_weights, train, train_many
 
 
 @pytest.fixture
@@ -99,3 +102,52 @@ def test_resume_refuses_other_settings_but_not_cosmetic_ones(data_root, tmp_path
     assert train(config(data_root, tmp_path, name="same", epochs=1, progress=True))["epochs"] == 1
     with pytest.raises(ValueError, match=r"belongs to a run with other settings \(\['lr'\]\)"):
         train(config(data_root, tmp_path, name="same", epochs=1, lr=0.1))
+
+
+def test_finished_run_is_reused_not_trained_again(data_root, tmp_path):
+    first = train(config(data_root, tmp_path, epochs=1))
+    (tmp_path / "runs/run/checkpoint.pt").unlink()
+    assert train(config(data_root, tmp_path, epochs=1)) == first
+    assert not (tmp_path / "runs/run/checkpoint.pt").exists()  # nothing was trained
+    with pytest.raises(ValueError, match=r"batch_size 64 exceeds the 6 training images"):
+        train(config(data_root, tmp_path, name="big", batch_size=64))
+
+
+def test_train_command_reads_a_config_and_refuses_unknown_settings(data_root, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"out_dir: {tmp_path / 'runs'}\ndata_root: {data_root}\nstudent: resnet8\nepochs: 1\n"
+                    "batch_size: 2\nprogress: false\n")
+    assert main(["train", "--config", str(path), "-s", "lr", "0.01", "--named", "cli"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["name"].startswith("cli-") and summary["epochs"] == 1
+    assert json.loads((tmp_path / "runs" / summary["name"] / "summary.json").read_text())["config"]["lr"] == 0.01
+    assert main(["train", "--config", str(path), "-s", "learning_rate", "0.01"]) == 2
+    assert "unknown training setting(s) 'learning_rate'" in capsys.readouterr().err
+
+
+def test_runs_in_parallel_processes_match_runs_in_this_process(data_root, tmp_path):
+    configs = [config(data_root, tmp_path, name=f"p{seed}", seed=seed, epochs=2) for seed in (0, 1)]
+    parallel = train_many(configs, processes=2)
+    assert [s["name"] for s in parallel] == ["p0", "p1"]
+    assert (tmp_path / "runs/p1/config.json").is_file() and (tmp_path / "runs/p1/train.log").is_file()
+    alone = train_many([replace(c, out_dir=str(tmp_path / "alone")) for c in configs])
+    for a, b in zip(parallel, alone, strict=True):
+        assert a["last_acc"] == b["last_acc"]
+        ma = pd.read_csv(tmp_path / "runs" / a["name"] / "metrics.csv")
+        mb = pd.read_csv(tmp_path / "alone" / b["name"] / "metrics.csv")
+        pd.testing.assert_series_equal(ma.train_loss, mb.train_loss, rtol=1e-4)
+
+
+def test_exported_half_precision_weights_load_with_their_checksum(data_root, tmp_path):
+    train(config(data_root, tmp_path, epochs=1))
+    info = export_weights(tmp_path / "runs/run", tmp_path / "teacher.pt")
+    state = torch.load(tmp_path / "teacher.pt")
+    assert state["arch"] == "resnet8" and all(v.dtype == torch.float16 for v in state["model"].values()
+                                               if v.is_floating_point())
+    original = timm.create_model("resnet8", num_classes=2)
+    load_weights(original, tmp_path / "runs/run/model.pt")
+    exported = timm.create_model("resnet8", num_classes=2)
+    assert load_weights(exported, tmp_path / "teacher.pt", expected_sha256=info["sha256"]) == info["sha256"]
+    for (name, a), b in zip(original.state_dict().items(), exported.state_dict().values(), strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vkd import data
-from vkd.notebooks import NotebookError, inspect_parameters, list_notebooks, run_notebook
+from vkd.notebooks import NotebookError, inspect_parameters, list_notebooks, run_as_script, run_notebook
 from vkd.paths import project_root
 
 NOTEBOOKS = list_notebooks()
@@ -75,3 +75,11 @@ def test_missing_dataset_is_explained_not_a_deep_traceback(tmp_path):
     message = str(error.value)
     assert "DataNotFoundError: cifar100 not found in" in message
     assert "download=True" in message and "cifar10-jpeg" in message
+
+
+def test_a_notebook_runs_as_a_plain_script_without_jupyter(tmp_path):
+    figures = tmp_path / "figures"
+    run_as_script("00", "smoke", {"figures_dir": str(figures)})
+    assert any(figures.glob("*.png")) and any(figures.glob("*.csv"))
+    with pytest.raises(NotebookError, match="declares no parameter 'bogus'; its parameters are: batch, figures_dir"):
+        run_as_script("00", "smoke", {"bogus": 1})

@@ -417,7 +417,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         "config": asdict(config),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return json.loads(json.dumps(summary))  # as a later call reusing the run reads it back
 
 
 def train_teacher(arch: str, epochs: int, checkpoint: str = "", **settings) -> tuple[str, dict | None]:

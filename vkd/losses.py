@@ -206,10 +206,11 @@ class DKDLoss(nn.Module):
             raise ValueError(f"DKDLoss: expected targets of shape ({logits_s.shape[0]},), got {tuple(target.shape)}")
         T = self.temperature
         s, t = logits_s.float() / T, logits_t.float() / T
-        gt = F.one_hot(target, s.shape[1]).bool()
+        # gather / scatter rather than boolean indexing, which would wait for the GPU at every step
+        gt = torch.zeros_like(s, dtype=torch.bool).scatter_(1, target[:, None], True)
         p_s, p_t = s.softmax(1), t.softmax(1)
-        binary_s = torch.stack([p_s[gt], p_s.masked_fill(gt, 0).sum(1)], 1)
-        binary_t = torch.stack([p_t[gt], p_t.masked_fill(gt, 0).sum(1)], 1)
+        binary_s = torch.stack([p_s.gather(1, target[:, None]).squeeze(1), p_s.masked_fill(gt, 0).sum(1)], 1)
+        binary_t = torch.stack([p_t.gather(1, target[:, None]).squeeze(1), p_t.masked_fill(gt, 0).sum(1)], 1)
         tckd = F.kl_div(binary_s.clamp_min(1e-12).log(), binary_t, reduction="batchmean")
         masked_s = F.log_softmax(s.masked_fill(gt, -math.inf), 1).masked_fill(gt, 0)
         masked_t = F.log_softmax(t.masked_fill(gt, -math.inf), 1).masked_fill(gt, 0)

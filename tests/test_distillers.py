@@ -1,0 +1,31 @@
+"""The Distiller's routing of outputs to loss terms."""
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import vkd  # noqa: F401  (registers the CIFAR models)
+from vkd.distillers import Distiller, MethodConfig
+from vkd.losses import KDLoss, VkDLoss
+
+
+def test_distilled_deit_trains_its_class_head_on_labels_and_its_distillation_head_on_the_teacher():
+    torch.manual_seed(0)
+    student = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, num_classes=5)
+    teacher = timm.create_model("resnet8x4", num_classes=5)  # 256-d pooled features >= the student's 192
+    config = MethodConfig.for_method("vkd", kd_weight=1.0, temperature=1.0)
+    distiller = Distiller(student, teacher, config).train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    logits, terms = distiller(images, labels)
+
+    tokens = student.forward_features(images)
+    cls_logits, dist_logits = student.head(tokens[:, 0]), student.head_dist(tokens[:, 1])
+    t_features, t_logits = distiller.teacher_outputs(images)
+    torch.testing.assert_close(logits, cls_logits)
+    torch.testing.assert_close(terms["ce"], F.cross_entropy(cls_logits, labels))
+    torch.testing.assert_close(terms["kd"], KDLoss(1.0)(dist_logits, t_logits))
+    assert not torch.allclose(terms["kd"], KDLoss(1.0)(cls_logits, t_logits))
+    vkd_loss: VkDLoss = distiller.losses["vkd"]
+    torch.testing.assert_close(terms["vkd"], vkd_loss(tokens[:, 2:], t_features))  # mean of the patch tokens
+    student.eval()
+    torch.testing.assert_close(student(images), (cls_logits + dist_logits) / 2)  # DeiT's inference: mean of heads

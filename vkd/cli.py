@@ -29,11 +29,15 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--as-script", action="store_true",
                          help="run the source as a plain Python script (no Jupyter needed; no executed notebook)")
 
-    training_run = commands.add_parser("train", help="train one run (student, optional teacher, method)")
+    training_run = commands.add_parser(
+        "train", help="train one run (student, optional teacher, method); under torchrun, one process per GPU "
+        "(or CPU process, gloo) with DistributedDataParallel")
     training_run.add_argument("--config", help="YAML file of vkd.engine.TrainConfig fields")
     training_run.add_argument("-s", "--set", nargs=2, action="append", metavar=("FIELD", "VALUE"),
                               help="override a field (VALUE is read as YAML)")
     training_run.add_argument("--named", metavar="PREFIX", help="name the run PREFIX-<digest of its settings>")
+    training_run.add_argument("--stop-after-epoch", type=int, metavar="N",
+                              help="end after epoch N as if interrupted (the checkpoint resumes it)")
 
     export = commands.add_parser("export", help="a finished run's weights as a (half-precision) file")
     export.add_argument("run_dir", help="the run folder (holding model.pt and summary.json)")
@@ -97,8 +101,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.named:
             config = config.named(args.named)
-        summary = train(config)
-        print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+        summary = train(config, stop_after_epoch=args.stop_after_epoch)
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return 0
     if args.command == "export":
         import json

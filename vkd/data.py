@@ -103,6 +103,21 @@ def imagefolder(path: str | Path, split: str, transform=None) -> datasets.ImageF
     return datasets.ImageFolder(folder, transform=transform)
 
 
+def evaluation_split(path: str | Path) -> str:
+    """``"val"`` (ImageNet's name) if ``path/val`` exists, else ``"test"``."""
+    return "val" if (resolve(path) / "val").is_dir() else "test"
+
+
+def folder_subset(dataset: datasets.ImageFolder, indices) -> datasets.ImageFolder:
+    """A shallow copy of ``dataset`` holding only the samples at ``indices``."""
+    import copy
+
+    subset = copy.copy(dataset)
+    subset.samples = [dataset.samples[i] for i in indices]
+    subset.imgs, subset.targets = subset.samples, [label for _, label in subset.samples]
+    return subset
+
+
 def stratified_indices(targets, fraction: float, seed: int = 0) -> np.ndarray:
     """Sorted indices of a class-stratified random ``fraction`` of the samples (at least one per class)."""
     if not 0 < fraction <= 1:
@@ -152,25 +167,40 @@ def load_tensor_data(name: str, split: str, root: str | Path = "data", download:
     return data
 
 
+def epoch_order(n: int, train: bool, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The sample indices one process visits in an epoch.
+
+    Training: a permutation drawn from (seed, epoch), identical on every process, cut to a multiple
+    of ``world`` and dealt out so that process ``rank`` takes every ``world``-th index.  Evaluation:
+    every ``world``-th index in order (all samples, each once over all processes)."""
+    if not train:
+        return torch.arange(rank, n, world)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[: n // world * world][rank::world]
+
+
 class TensorLoader:
     """Batches ``(images, labels, indices)`` from a :class:`TensorData`, normalised and augmented on ``device``.
 
     ``indices`` (B,) are the samples' positions in the data (for per-sample caches).
     ``augment=True``: random crop with zero padding ``pad`` and horizontal flip, drawn per sample from
-    a generator seeded with (seed, epoch), so an epoch's batches are reproducible (exact resume)."""
+    a generator seeded with (seed, epoch), so an epoch's batches are reproducible (exact resume).
+    With ``world`` > 1 processes, each serves its share (:func:`epoch_order`) in batches of ``batch_size``."""
 
     def __init__(self, data: TensorData, batch_size: int, mean, std, train: bool, device: str | torch.device = "cpu",
-                 pad: int = 4, seed: int = 0, drop_last: bool | None = None):
+                 pad: int = 4, seed: int = 0, drop_last: bool | None = None, rank: int = 0, world: int = 1):
         self.device = torch.device(device)
         self.images, self.labels = data.images.to(self.device), data.labels.to(self.device)
         self.batch_size, self.train, self.pad, self.seed = batch_size, train, pad, seed
+        self.rank, self.world = rank, world
         self.drop_last = train if drop_last is None else drop_last
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
         self.epoch = 0
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = len(epoch_order(len(self.labels), False, 0, 0, self.rank, self.world)) if not self.train else (
+            len(self.labels) // self.world)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -191,15 +221,63 @@ class TensorLoader:
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        n = len(self.labels)
-        order = torch.randperm(n, generator=generator).to(self.device) if self.train else torch.arange(
-            n, device=self.device)
+        if self.train:  # the permutation is drawn from the generator the augmentation goes on with
+            order = torch.randperm(len(self.labels), generator=generator)
+            order = order[: len(order) // self.world * self.world][self.rank::self.world]
+        else:
+            order = epoch_order(len(self.labels), False, self.seed, self.epoch, self.rank, self.world)
+        order = order.to(self.device)
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             images = self.images[index].float()
             if self.train:
                 images = self._augment(images, generator)
             yield (images - self.mean) / self.std, self.labels[index], index
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, dataset, indices: torch.Tensor):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = int(self.indices[i])
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+class FolderLoader:
+    """Batches ``(images, labels, indices)`` from an image-file dataset (e.g. ImageNet's ImageFolder)
+    through a torch DataLoader with ``workers`` processes; the dataset's transform does the
+    augmentation and normalisation.  Same interface, sharding and reproducibility as
+    :class:`TensorLoader`: the order and the workers' random streams are seeded by (seed, epoch, rank)."""
+
+    def __init__(self, dataset, batch_size: int, train: bool, device: str | torch.device = "cpu", workers: int = 4,
+                 seed: int = 0, rank: int = 0, world: int = 1):
+        self.dataset, self.batch_size, self.train = dataset, batch_size, train
+        self.device, self.workers, self.seed, self.rank, self.world = torch.device(device), workers, seed, rank, world
+        self.labels = torch.as_tensor(dataset.targets)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(epoch_order(len(self.labels), self.train, self.seed, self.epoch, self.rank, self.world))
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = epoch_order(len(self.labels), self.train, self.seed, self.epoch, self.rank, self.world)
+        generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
+        loader = torch.utils.data.DataLoader(
+            _Indexed(self.dataset, order), self.batch_size, shuffle=False, num_workers=self.workers,
+            drop_last=self.train, pin_memory=self.device.type == "cuda", generator=generator,
+            persistent_workers=False)
+        for images, labels, index in loader:
+            yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
+                   index.to(self.device))
 
 
 def test_batch(name: str, count: int, seed: int = 0, root: str | Path = "data", download: bool = False):

@@ -151,7 +151,10 @@ class Distiller(nn.Module):
         # distil into the distillation head, cross-entropy trains the class head
         logits, distill_logits = heads if isinstance(heads, tuple) else (heads, heads)
         features = distillation_features(self.student, features)
-        terms = {"ce": c.ce_weight * F.cross_entropy(logits, labels)} if c.ce_weight else {}
+        ce = F.cross_entropy(logits, labels)
+        if isinstance(heads, tuple) and not {"kd", "dkd"} & set(self.losses):  # no teacher logits: both heads
+            ce = (ce + F.cross_entropy(distill_logits, labels)) / 2  # learn the labels (every parameter trains)
+        terms = {"ce": c.ce_weight * ce} if c.ce_weight else {}
         if not self.losses:
             return logits, terms
         t_features, t_logits = teacher_outputs if teacher_outputs is not None else self.teacher_outputs(images)

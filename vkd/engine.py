@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -19,12 +20,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -70,6 +76,18 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast (GPU only)
     channels_last: bool = True  # (GPU only)
     teacher_cache_views: int = 0  # >0: cache teacher outputs for this many augmentation views (TeacherCache)
+    teacher_pretrained: bool = False  # no teacher_checkpoint: take the teacher's weights from timm's hub (online)
+    # ImageNet-style recipes (DeiT); the defaults leave the CIFAR runs as they are
+    image_size: int = 224  # dataset "imagefolder": training crop and evaluation size in pixels
+    auto_augment: str = ""  # dataset "imagefolder": timm policy, e.g. "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.0  # dataset "imagefolder": random-erasing probability
+    workers: int = 4  # dataset "imagefolder": data-loading processes per training process
+    mixup: float = 0.0  # mixup alpha (0: off)
+    cutmix: float = 0.0  # cutmix alpha (0: off)
+    label_smoothing: float = 0.0
+    drop_path: float = 0.0  # the student's stochastic-depth rate (timm drop_path_rate)
+    clip_grad: float = 0.0  # largest gradient norm (0: no clipping)
+    ema_decay: float = 0.0  # >0: also keep and evaluate an exponential moving average of the student
     progress: bool = True  # tqdm bars
 
     def run_dir(self) -> Path:
@@ -80,8 +98,11 @@ class TrainConfig:
         return _shaping_settings(asdict(self))
 
     def digest(self) -> str:
-        """8 hex digits identifying :meth:`settings`."""
-        return hashlib.sha1(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:8]
+        """8 hex digits identifying :meth:`settings`; only the settings that differ from their defaults
+        enter, so adding a setting to TrainConfig leaves the digests of earlier runs as they were."""
+        defaults = TrainConfig().settings()
+        changed = {k: v for k, v in self.settings().items() if v != defaults[k]}
+        return hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
 
     def named(self, prefix: str) -> TrainConfig:
         """This config with name ``<prefix>-<digest>``: changing any setting gives a new run folder, and
@@ -174,41 +195,109 @@ def export_weights(run_dir: str | Path, path: str | Path, half: bool = True) -> 
 def build_teacher(config: TrainConfig, num_classes: int) -> tuple[nn.Module | None, str | None]:
     if config.teacher is None:
         return None, None
+    if config.teacher_checkpoint is None and config.teacher_pretrained:
+        try:
+            return timm.create_model(config.teacher, pretrained=True, num_classes=num_classes), "timm-pretrained"
+        except Exception as error:  # offline: the hub cannot be reached, or the name has no weights
+            raise RuntimeError(
+                f"could not get timm's pretrained weights for {config.teacher!r} ({type(error).__name__}: {error}); "
+                f"offline, download them elsewhere and pass the file as teacher_checkpoint") from None
     teacher = timm.create_model(config.teacher, num_classes=num_classes)
     if config.teacher_checkpoint is None:
-        raise ValueError(f"teacher {config.teacher!r} needs teacher_checkpoint (a trained model's weights)")
+        raise ValueError(f"teacher {config.teacher!r} needs teacher_checkpoint (a trained model's weights) "
+                         f"or teacher_pretrained=True (timm's hub, online)")
     return teacher, load_weights(teacher, config.teacher_checkpoint, config.teacher_sha256)
 
 
-def _loaders(config: TrainConfig, device: torch.device):
-    train_data = vdata.load_tensor_data(config.dataset, "train", config.data_root, config.download)
-    test_data = vdata.load_tensor_data(config.dataset, "test", config.data_root, config.download)
-    if config.fraction < 1:
-        train_data = train_data.subset(vdata.stratified_indices(train_data.labels, config.fraction, config.seed))
-    if config.test_fraction < 1:
-        test_data = test_data.subset(vdata.stratified_indices(test_data.labels, config.test_fraction, config.seed))
-    mean, std = vdata.stats(config.dataset)
-    train = vdata.TensorLoader(train_data, config.batch_size, mean, std, True, device, seed=config.seed)
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the processes (unchanged in a single process)."""
+        if self.world > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+        return values
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def join_processes(device_name: str) -> tuple[Processes, torch.device]:
+    """Join the ``torchrun`` job this process belongs to (NCCL on GPUs, gloo on the CPU), if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = _device(device_name)
+    if world == 1:
+        return Processes(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(rank, world), device
+
+
+def _loaders(config: TrainConfig, device: torch.device, processes: Processes = Processes()):
+    shard = dict(rank=processes.rank, world=processes.world)
+    if config.dataset == "imagefolder":
+        from timm.data import create_transform
+
+        mean, std = vdata.stats("imagenet")
+        common = dict(interpolation="bicubic", mean=mean, std=std)
+        train_data = vdata.imagefolder(config.data_root, "train", create_transform(
+            config.image_size, is_training=True, auto_augment=config.auto_augment or None, re_prob=config.reprob,
+            **common))
+        test_data = vdata.imagefolder(config.data_root, vdata.evaluation_split(config.data_root),
+                                      create_transform(config.image_size, crop_pct=0.875, **common))
+        if config.fraction < 1:
+            train_data = vdata.folder_subset(train_data, vdata.stratified_indices(train_data.targets, config.fraction,
+                                                                                 config.seed))
+        if config.test_fraction < 1:
+            test_data = vdata.folder_subset(test_data, vdata.stratified_indices(test_data.targets,
+                                                                               config.test_fraction, config.seed))
+        train = vdata.FolderLoader(train_data, config.batch_size, True, device, config.workers, config.seed, **shard)
+        test = vdata.FolderLoader(test_data, config.batch_size, False, device, config.workers, config.seed, **shard)
+    else:
+        train_data = vdata.load_tensor_data(config.dataset, "train", config.data_root, config.download)
+        test_data = vdata.load_tensor_data(config.dataset, "test", config.data_root, config.download)
+        if config.fraction < 1:
+            train_data = train_data.subset(vdata.stratified_indices(train_data.labels, config.fraction, config.seed))
+        if config.test_fraction < 1:
+            test_data = test_data.subset(vdata.stratified_indices(test_data.labels, config.test_fraction,
+                                                                  config.seed))
+        mean, std = vdata.stats(config.dataset)
+        train = vdata.TensorLoader(train_data, config.batch_size, mean, std, True, device, seed=config.seed, **shard)
+        test = vdata.TensorLoader(test_data, 256, mean, std, False, device, **shard)
     if len(train) == 0:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train_data.labels)} training images "
-                         f"(fraction {config.fraction}); an epoch would have no step")
-    test = vdata.TensorLoader(test_data, 256, mean, std, False, device)
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train.labels)} training images "
+                         f"(fraction {config.fraction}, {processes.world} process(es)); an epoch would have no step")
     return train, test, len(train_data.classes)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, autocast) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of ``model`` over ``loader``."""
+def evaluate(model: nn.Module, loader, autocast, processes: Processes = Processes()) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) and mean cross-entropy of ``model`` over ``loader`` (all processes' shares)."""
     model.eval()
-    correct = loss = 0
-    count = 0
+    totals = torch.zeros(4, dtype=torch.float64, device=loader.device)  # correct, top-5 correct, loss, count
     for images, labels, _ in loader:  # sums stay on the device: one synchronisation per evaluation
         with autocast:
             logits = model(images)
-        loss = loss + F.cross_entropy(logits.float(), labels, reduction="sum")
-        correct = correct + (logits.argmax(1) == labels).sum()
-        count += len(labels)
-    return {"test_acc": 100.0 * float(correct) / count, "test_loss": float(loss) / count}
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        totals += torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
+                               F.cross_entropy(logits.float(), labels, reduction="sum"),
+                               torch.tensor(len(labels), device=labels.device)]).double()
+    correct, correct5, loss, count = processes.sum(totals).tolist()
+    return {"test_acc": 100.0 * correct / count, "test_top5": 100.0 * correct5 / count, "test_loss": loss / count}
 
 
 class TeacherCache:
@@ -248,18 +337,23 @@ class TeacherCache:
 
 
 def train_step(distiller: Distiller, optimizer, images, labels, epoch: int = 0, teacher_outputs=None,
-               autocast=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               autocast=None, model: nn.Module | None = None,
+               clip_grad: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step of ``distiller``; returns (student logits, weighted loss terms).
 
-    On the CPU a non-finite loss raises here; on a GPU that check would stall the pipeline every
-    step, so ``train`` checks the epoch's summed terms instead (before any checkpoint is written)."""
+    ``model`` is what runs the forward pass when it is not ``distiller`` itself (its DDP wrapper);
+    ``clip_grad`` > 0 clips the gradients' total norm.  On the CPU a non-finite loss raises here; on a
+    GPU that check would stall the pipeline every step, so ``train`` checks the epoch's summed terms
+    instead (before any checkpoint is written)."""
     with autocast if autocast is not None else torch.autocast(images.device.type, enabled=False):
-        logits, terms = distiller(images, labels, epoch, teacher_outputs=teacher_outputs)
+        logits, terms = (model or distiller)(images, labels, epoch, teacher_outputs=teacher_outputs)
         loss = sum(terms.values())
     if loss.device.type == "cpu" and not torch.isfinite(loss):
         raise NonFiniteLossError(f"non-finite loss ({ {k: float(v.detach()) for k, v in terms.items()} })")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(distiller.trainable_parameters(), clip_grad)
     optimizer.step()
     distiller.after_optimizer_step()
     return logits, terms
@@ -300,16 +394,26 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         summary = json.loads(finished.read_text())
         if _shaping_settings(summary["config"]) == config.settings():
             return summary
-    device = _device(config.device)
+    processes, device = join_processes(config.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    train_loader, test_loader, num_classes = _loaders(config, device)
-    student = timm.create_model(config.student, num_classes=num_classes, **config.student_options)
+    if not processes.main:  # rank 0 extracts / decodes the data first; the others then read its cache
+        processes.barrier()
+    train_loader, test_loader, num_classes = _loaders(config, device, processes)
+    if processes.main:
+        processes.barrier()
+    options = {**config.student_options, **({"drop_path_rate": config.drop_path} if config.drop_path else {})}
+    student = timm.create_model(config.student, num_classes=num_classes, **options)
     teacher, teacher_digest = build_teacher(config, num_classes)
     distiller = Distiller(student, teacher, MethodConfig.for_method(config.method, **config.method_options))
     distiller.to(device)
     if device.type == "cuda" and config.channels_last:
         distiller.to(memory_format=torch.channels_last)
+    model = distiller
+    if processes.world > 1:  # gradients averaged over the processes; rank 0's BatchNorm statistics shared
+        model = torch.nn.parallel.DistributedDataParallel(
+            distiller, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(config.seed + processes.rank)  # dropout, drop-path, mixup: a stream per process
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
     optimizer = create_optimizer_v2(distiller.trainable_parameters(), opt=config.optimizer, lr=config.lr,
@@ -317,7 +421,15 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     scheduler = _scheduler(config, optimizer)
     cache = None  # pooled features only: FitNet's hint needs the teacher's maps, so it runs the teacher
     if config.teacher_cache_views and teacher is not None and "fitnet" not in distiller.losses:
+        if config.dataset == "imagefolder" or config.mixup or config.cutmix:
+            raise ValueError("teacher_cache_views needs augmentations that can be replayed (the CIFAR tensor "
+                             "loader, without mixup / cutmix); set it to 0")
         cache = TeacherCache(config.teacher_cache_views, len(train_loader.labels), device)
+    mixup = None
+    if config.mixup or config.cutmix:
+        mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                      num_classes=num_classes)
+    ema = ModelEmaV3(distiller.student, config.ema_decay) if config.ema_decay else None
 
     checkpoint_path = run_dir / "checkpoint.pt"
     rows, probes, start_epoch, elapsed = [], [], 0, 0.0
@@ -327,7 +439,8 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         with torch.no_grad():
             probes.append({"epoch": epoch, "step": step, **probe(distiller)})
         distiller.train()
-        (run_dir / "probes.json").write_text(json.dumps(probes))
+        if processes.main:
+            (run_dir / "probes.json").write_text(json.dumps(probes))
 
     def non_finite(epoch: int, detail: str):
         kept = f"the checkpoint of epoch {epoch} ({checkpoint_path}) is intact" if epoch else "no epoch ended"
@@ -341,11 +454,16 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         if changed:
             raise ValueError(f"{checkpoint_path} belongs to a run with other settings ({changed}); "
                              f"use another name or delete {run_dir}")
+        if state.get("world_size", 1) != processes.world:
+            raise ValueError(f"{checkpoint_path} was written by {state.get('world_size', 1)} process(es); resume it "
+                             f"with as many (now {processes.world}) or delete {run_dir}")
         distiller.student.load_state_dict(state["student"])
         distiller.losses.load_state_dict(state["losses"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        _set_rng_state(state["rng"][processes.rank] if isinstance(state["rng"], list) else state["rng"], device)
         rows, probes, start_epoch, elapsed = state["metrics"], state["probes"], state["epoch"], state["elapsed"]
     if start_epoch == 0:
         scheduler.step(0)
@@ -363,16 +481,24 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         correct = torch.zeros((), device=device)
         seen = 0
         bar = tqdm(train_loader, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not config.progress, mininterval=2)
+                   disable=not (config.progress and processes.main), mininterval=2)
         for images, labels, index in bar:
             if device.type == "cuda" and config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast:
                 outputs = cache.lookup(view, index, distiller, images) if cache is not None else None
+            targets = labels
+            if mixup is not None:
+                images, targets = mixup(images, labels)
+            elif config.label_smoothing:
+                targets = mixup_target(labels, num_classes, smoothing=config.label_smoothing)
             try:
-                logits, terms = train_step(distiller, optimizer, images, labels, epoch, outputs, autocast)
+                logits, terms = train_step(distiller, optimizer, images, targets, epoch, outputs, autocast, model,
+                                           config.clip_grad)
             except NonFiniteLossError as error:
                 non_finite(epoch, str(error))
+            if ema is not None:
+                ema.update(distiller.student, step=step)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0) + value.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
@@ -380,6 +506,9 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
             step += 1
             if probe is not None and probe_every and step % probe_every == 0:
                 record_probe(epoch + (seen / len(train_loader.labels)), step)
+        totals = processes.sum(torch.stack([*sums.values(), correct, torch.tensor(seen, device=device)]).double())
+        sums = dict(zip(sums, totals[:-2], strict=True))
+        correct, seen = totals[-2].item(), totals[-1].item()
         if not all(torch.isfinite(v).item() for v in sums.values()):
             summed = {k: float(v) for k, v in sums.items()}
             non_finite(epoch, f"non-finite loss in this epoch (summed terms {summed})")
@@ -389,35 +518,71 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         row = {"epoch": epoch + 1, "lr": lr}
         row.update({f"train_{k}": (v / seen).item() for k, v in sums.items()})
         row["train_loss"] = sum(row[f"train_{k}"] for k in sums)
-        row["train_acc"] = 100.0 * correct.item() / seen
-        row.update(evaluate(distiller.student, test_loader, autocast))
+        row["train_acc"] = 100.0 * correct / seen
+        row.update(evaluate(distiller.student, test_loader, autocast, processes))
+        if ema is not None:
+            row.update({f"{k}_ema": v for k, v in evaluate(ema.module, test_loader, autocast, processes).items()})
         row["epoch_seconds"] = time.perf_counter() - start
         elapsed += row["epoch_seconds"]
         rows.append(row)
-        pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
         if probe is not None and not probe_every:
             record_probe(epoch + 1, step)
-        _save_atomic({"epoch": epoch + 1, "config": asdict(config), "student": distiller.student.state_dict(),
-                      "losses": distiller.losses.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "metrics": rows,
-                      "probes": probes, "elapsed": elapsed}, checkpoint_path)
+        rng = _gather(_rng_state(device), processes)
+        if processes.main:
+            pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
+            _save_atomic({"epoch": epoch + 1, "config": asdict(config), "student": distiller.student.state_dict(),
+                          "losses": distiller.losses.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "rng": rng, "world_size": processes.world,
+                          "ema": ema.module.state_dict() if ema is not None else None, "metrics": rows,
+                          "probes": probes, "elapsed": elapsed}, checkpoint_path)
+        processes.barrier()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < config.epochs:
             return {"stopped_after_epoch": epoch + 1}
 
-    _save_atomic({"model": distiller.student.state_dict(), "arch": config.student, "num_classes": num_classes,
-                  "options": config.student_options},
-                 run_dir / "model.pt")
     accuracies = [r["test_acc"] for r in rows]
     summary = {
         "name": config.name, "method": config.method, "student": config.student, "teacher": config.teacher,
         "dataset": config.dataset, "fraction": config.fraction, "epochs": config.epochs, "seed": config.seed,
         "best_acc": max(accuracies), "best_epoch": accuracies.index(max(accuracies)) + 1,
-        "last_acc": accuracies[-1], "wall_seconds": elapsed, "device": device_description(device),
-        "git_revision": git_revision(), "teacher_sha256": teacher_digest, "teacher_cached": cache is not None,
-        "config": asdict(config),
+        "last_acc": accuracies[-1], "last_top5": rows[-1]["test_top5"], "wall_seconds": elapsed,
+        "device": device_description(device), "processes": processes.world, "git_revision": git_revision(),
+        "teacher_sha256": teacher_digest, "teacher_cached": cache is not None, "config": asdict(config),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if ema is not None:
+        summary.update(best_acc_ema=max(r["test_acc_ema"] for r in rows), last_acc_ema=rows[-1]["test_acc_ema"])
+    if processes.main:
+        _save_atomic({"model": distiller.student.state_dict(), "arch": config.student, "num_classes": num_classes,
+                      "options": config.student_options, "ema": ema.module.state_dict() if ema is not None else None},
+                     run_dir / "model.pt")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    processes.barrier()
     return json.loads(json.dumps(summary))  # as a later call reusing the run reads it back
+
+
+def _rng_state(device: torch.device) -> dict:
+    """Every random stream a training step may draw from (torch CPU and CUDA, NumPy, Python)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    if isinstance(state, torch.Tensor):  # checkpoints written before the other streams were saved
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _gather(value, processes: Processes) -> list:
+    """``value`` of every process, in rank order."""
+    if processes.world == 1:
+        return [value]
+    values = [None] * processes.world
+    dist.all_gather_object(values, value)
+    return values
 
 
 def train_teacher(arch: str, epochs: int, checkpoint: str = "", **settings) -> tuple[str, dict | None]:

@@ -75,3 +75,16 @@ def test_fixed_test_batch(tmp_path, monkeypatch, tiny_archive):
     again, _ = data.test_batch("cifar10-jpeg", 4, seed=0, root=tmp_path)
     assert torch.equal(images, again)
     assert data.stats("cifar100") == data.STATS["cifar100"] and data.stats("cifar10-jpeg") == data.STATS["cifar10"]
+
+
+def test_deit_randaugment_survives_its_strongest_posterize():
+    from PIL import Image
+    from timm.data import create_transform
+
+    data.use_compatible_posterize()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    transform = create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1")
+    for _ in range(2000):  # the magnitude reaches 10 (0 bits kept) within a few hundred draws
+        transform(image)
+    black = data._posterize(image, 0)
+    assert black.size == image.size and np.asarray(black).max() == 0

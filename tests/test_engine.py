@@ -151,3 +151,15 @@ def test_exported_half_precision_weights_load_with_their_checksum(data_root, tmp
     for (name, a), b in zip(original.state_dict().items(), exported.state_dict().values(), strict=True):
         if a.is_floating_point():
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_eval_command_reproduces_the_runs_test_accuracy(data_root, tmp_path, capsys):
+    summary = train(config(data_root, tmp_path, epochs=1))
+    args = ["eval", str(tmp_path / "runs/run/model.pt"), "--dataset", "cifar10-jpeg", "--data-root", str(data_root),
+            "--device", "cpu"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["arch"] == "resnet8" and result["images"] == 6 and result["ignored_keys"] == []
+    assert result["test_acc"] == summary["last_acc"] and result["test_top5"] == 100.0
+    assert main(["eval", str(tmp_path / "nothing.pt"), "--dataset", "cifar10-jpeg"]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err

@@ -18,7 +18,7 @@ def test_there_are_notebooks():
     assert [p.stem[:2] for p in NOTEBOOKS][:1] == ["00"]
 
 
-NEEDS_CIFAR10 = {"01_cifar_distillation"}
+NEEDS_CIFAR10 = {"01_cifar_distillation", "05_imagenet_deit"}
 
 
 def cifar10_available() -> bool:
@@ -83,3 +83,15 @@ def test_a_notebook_runs_as_a_plain_script_without_jupyter(tmp_path):
     assert any(figures.glob("*.png")) and any(figures.glob("*.csv"))
     with pytest.raises(NotebookError, match="declares no parameter 'bogus'; its parameters are: batch, figures_dir"):
         run_as_script("00", "smoke", {"bogus": 1})
+
+
+def test_missing_imagenet_and_teacher_weights_are_explained(tmp_path):
+    parameters = {"data": "imagenet", "data_root": str(tmp_path / "imagenet"), "runs_dir": str(tmp_path / "runs"),
+                  "figures_dir": str(tmp_path / "fig")}
+    with pytest.raises(NotebookError, match=r"no ImageNet ImageFolder at .*imagenet: expected .*train/<class>"):
+        run_notebook("05", "full", parameters, output_dir=tmp_path)
+    (tmp_path / "imagenet/train").mkdir(parents=True)
+    (tmp_path / "imagenet/val").mkdir()
+    with pytest.raises(NotebookError, match=r"no teacher weights at .*missing.pt"):
+        run_notebook("05", "full", {**parameters, "teacher_checkpoint": str(tmp_path / "missing.pt")},
+                     output_dir=tmp_path)

@@ -39,6 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     training_run.add_argument("--stop-after-epoch", type=int, metavar="N",
                               help="end after epoch N as if interrupted (the checkpoint resumes it)")
 
+    evaluation = commands.add_parser("eval", help="top-1 / top-5 of a checkpoint on a dataset's evaluation split")
+    evaluation.add_argument("checkpoint", help="vkd model.pt / checkpoint.pt, a DeiT-style release, or a state dict")
+    evaluation.add_argument("--model", help="timm model name (default: the one the checkpoint records)")
+    evaluation.add_argument("--dataset", default="imagefolder", help="imagefolder | cifar10-jpeg | cifar10 | cifar100")
+    evaluation.add_argument("--data-root", default="data", help="imagefolder: the folder holding val/ (or test/)")
+    evaluation.add_argument("--image-size", type=int, default=224)
+    evaluation.add_argument("--batch", type=int, default=256)
+    evaluation.add_argument("--workers", type=int, default=4)
+    evaluation.add_argument("--num-classes", type=int, help="default: the checkpoint's, else the dataset's")
+    evaluation.add_argument("--device", default="auto")
+    evaluation.add_argument("-o", "--model-option", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                            help="a timm.create_model argument (VALUE read as YAML), e.g. -o img_size 32")
+
     export = commands.add_parser("export", help="a finished run's weights as a (half-precision) file")
     export.add_argument("run_dir", help="the run folder (holding model.pt and summary.json)")
     export.add_argument("path", help="the file to write")
@@ -108,6 +121,21 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
         if dist.is_initialized():
             dist.destroy_process_group()
+        return 0
+    if args.command == "eval":
+        import json
+
+        from .data import DataNotFoundError
+        from .engine import evaluate_checkpoint
+
+        try:
+            result = evaluate_checkpoint(args.checkpoint, args.model, args.dataset, args.data_root, args.image_size,
+                                         args.batch, args.device, args.workers, _parse_overrides(args.model_option),
+                                         args.num_classes)
+        except (FileNotFoundError, DataNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps(result))
         return 0
     if args.command == "export":
         import json

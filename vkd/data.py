@@ -103,6 +103,29 @@ def imagefolder(path: str | Path, split: str, transform=None) -> datasets.ImageF
     return datasets.ImageFolder(folder, transform=transform)
 
 
+def _posterize(img, bits_to_keep, **__):
+    """timm's RandAugment posterize, also for 0 bits kept: a black image, as Pillow < 11 gave.
+
+    The DeiT policy "rand-m9-mstd0.5-inc1" draws 0 bits at its highest magnitude; timm (1.0.x)
+    passes that to Pillow, whose newer versions refuse it ("bits must be between or equal to 1 and
+    8") and would stop a training run at a random step."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def use_compatible_posterize() -> None:
+    """Make timm's RandAugment use :func:`_posterize` (see there); called before building transforms."""
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def evaluation_split(path: str | Path) -> str:
     """``"val"`` (ImageNet's name) if ``path/val`` exists, else ``"test"``."""
     return "val" if (resolve(path) / "val").is_dir() else "test"
@@ -116,6 +139,24 @@ def folder_subset(dataset: datasets.ImageFolder, indices) -> datasets.ImageFolde
     subset.samples = [dataset.samples[i] for i in indices]
     subset.imgs, subset.targets = subset.samples, [label for _, label in subset.samples]
     return subset
+
+
+def small_imagefolder(source: str | Path, target: str | Path, per_class: int, size: int | None = None) -> Path:
+    """``target/{train,val}/<class>/`` with the first ``per_class`` images of each class of ``source``'s
+    train/ and test/ (or val/) ImageFolders, resized to ``size`` px when given; kept if already built."""
+    source, target = resolve(source), resolve(target)
+    if (target / "train").is_dir() and (target / "val").is_dir():
+        return target
+    from PIL import Image
+
+    for split, name in (("train", "train"), (evaluation_split(source), "val")):
+        for folder in sorted(p for p in (source / split).iterdir() if p.is_dir()):
+            out = target / name / folder.name
+            out.mkdir(parents=True, exist_ok=True)
+            for path in sorted(folder.iterdir())[:per_class]:
+                image = Image.open(path).convert("RGB")
+                (image.resize((size, size), Image.BICUBIC) if size else image).save(out / path.name)
+    return target
 
 
 def stratified_indices(targets, fraction: float, seed: int = 0) -> np.ndarray:

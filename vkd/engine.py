@@ -150,11 +150,13 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_weights(model: nn.Module, path: str | Path, expected_sha256: str | None = None) -> str:
+def load_weights(model: nn.Module, path: str | Path, expected_sha256: str | None = None, strict: bool = True):
     """Load a checkpoint into ``model``; returns its sha256 (checked against ``expected_sha256``).
 
     Accepts vkd's ``model.pt`` / ``checkpoint.pt``, mdistiller's ``{"model": state_dict}`` teacher
-    checkpoints, and plain state dicts; half-precision weights are cast to the model's dtype."""
+    checkpoints, and plain state dicts; half-precision weights are cast to the model's dtype.
+    ``strict=False``: keys the model does not have are ignored and returned (sorted) instead of the
+    sha256; every weight of the model must still be in the file."""
     path = resolve(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train the teacher first (notebook 01) or give its path")
@@ -169,8 +171,14 @@ def load_weights(model: nn.Module, path: str | Path, expected_sha256: str | None
     state = {k.removeprefix("module."): v for k, v in state.items()}
     reference = model.state_dict()
     state = {k: v.to(reference[k].dtype) if k in reference and v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state)
-    return digest
+    if strict:
+        model.load_state_dict(state)
+        return digest
+    missing = sorted(set(reference) - set(state))
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} of the model's weights, e.g. {missing[:5]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in reference})
+    return sorted(set(state) - set(reference))
 
 
 def export_weights(run_dir: str | Path, path: str | Path, half: bool = True) -> dict:
@@ -247,41 +255,47 @@ def join_processes(device_name: str) -> tuple[Processes, torch.device]:
     return Processes(rank, world), device
 
 
-def _loaders(config: TrainConfig, device: torch.device, processes: Processes = Processes()):
+def _split_loader(config: TrainConfig, device: torch.device, processes: Processes, train: bool):
+    """The training (augmented, shuffled) or evaluation loader of ``config``'s dataset; ``.num_classes`` set."""
     shard = dict(rank=processes.rank, world=processes.world)
+    fraction = config.fraction if train else config.test_fraction
     if config.dataset == "imagefolder":
         from timm.data import create_transform
 
+        vdata.use_compatible_posterize()
         mean, std = vdata.stats("imagenet")
         common = dict(interpolation="bicubic", mean=mean, std=std)
-        train_data = vdata.imagefolder(config.data_root, "train", create_transform(
-            config.image_size, is_training=True, auto_augment=config.auto_augment or None, re_prob=config.reprob,
-            **common))
-        test_data = vdata.imagefolder(config.data_root, vdata.evaluation_split(config.data_root),
-                                      create_transform(config.image_size, crop_pct=0.875, **common))
-        if config.fraction < 1:
-            train_data = vdata.folder_subset(train_data, vdata.stratified_indices(train_data.targets, config.fraction,
-                                                                                 config.seed))
-        if config.test_fraction < 1:
-            test_data = vdata.folder_subset(test_data, vdata.stratified_indices(test_data.targets,
-                                                                               config.test_fraction, config.seed))
-        train = vdata.FolderLoader(train_data, config.batch_size, True, device, config.workers, config.seed, **shard)
-        test = vdata.FolderLoader(test_data, config.batch_size, False, device, config.workers, config.seed, **shard)
+        if train:
+            transform = create_transform(config.image_size, is_training=True, auto_augment=config.auto_augment or None,
+                                         re_prob=config.reprob, **common)
+        else:
+            transform = create_transform(config.image_size, crop_pct=0.875, **common)
+        split = "train" if train else vdata.evaluation_split(config.data_root)
+        data = vdata.imagefolder(config.data_root, split, transform)
+        if fraction < 1:
+            data = vdata.folder_subset(data, vdata.stratified_indices(data.targets, fraction, config.seed))
+        loader = vdata.FolderLoader(data, config.batch_size, train, device, config.workers, config.seed, **shard)
     else:
-        train_data = vdata.load_tensor_data(config.dataset, "train", config.data_root, config.download)
-        test_data = vdata.load_tensor_data(config.dataset, "test", config.data_root, config.download)
-        if config.fraction < 1:
-            train_data = train_data.subset(vdata.stratified_indices(train_data.labels, config.fraction, config.seed))
-        if config.test_fraction < 1:
-            test_data = test_data.subset(vdata.stratified_indices(test_data.labels, config.test_fraction,
-                                                                  config.seed))
+        data = vdata.load_tensor_data(config.dataset, "train" if train else "test", config.data_root, config.download)
+        if fraction < 1:
+            data = data.subset(vdata.stratified_indices(data.labels, fraction, config.seed))
         mean, std = vdata.stats(config.dataset)
-        train = vdata.TensorLoader(train_data, config.batch_size, mean, std, True, device, seed=config.seed, **shard)
-        test = vdata.TensorLoader(test_data, 256, mean, std, False, device, **shard)
+        loader = vdata.TensorLoader(data, config.batch_size if train else 256, mean, std, train, device,
+                                    seed=config.seed, **shard)
+    loader.num_classes = len(data.classes)
+    return loader
+
+
+def _test_loader(config: TrainConfig, device: torch.device, processes: Processes):
+    return _split_loader(config, device, processes, train=False)
+
+
+def _loaders(config: TrainConfig, device: torch.device, processes: Processes = Processes()):
+    train = _split_loader(config, device, processes, train=True)
     if len(train) == 0:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train.labels)} training images "
                          f"(fraction {config.fraction}, {processes.world} process(es)); an epoch would have no step")
-    return train, test, len(train_data.classes)
+    return train, _test_loader(config, device, processes), train.num_classes
 
 
 @torch.no_grad()
@@ -640,15 +654,9 @@ def train_many(configs: list[TrainConfig], processes: int = 1) -> list[dict]:
     while waiting or running:
         while waiting and len(running) < processes:
             slot, config = waiting.pop(0)
-            run_dir = config.run_dir()
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(asdict(replace(config, progress=False)), indent=1))
             if gpus > 1:
                 env = {**env, "CUDA_VISIBLE_DEVICES": str(slot % gpus)}
-            with open(run_dir / "train.log", "a") as log:
-                command = [sys.executable, "-m", "vkd", "train", "--config", str(run_dir / "config.json")]
-                running[slot] = subprocess.Popen(command, cwd=project_root(), env=env, stdout=log,
-                                                 stderr=subprocess.STDOUT)
+            running[slot] = _start(config, [sys.executable, "-m", "vkd", "train"], env)
         time.sleep(1)
         for slot, process in list(running.items()):
             if process.poll() is not None:
@@ -661,3 +669,78 @@ def train_many(configs: list[TrainConfig], processes: int = 1) -> list[dict]:
     if failed:
         raise RuntimeError("training failed for " + "\n  ".join(failed))
     return [json.loads((config.run_dir() / "summary.json").read_text()) for config in configs]
+
+
+def _start(config: TrainConfig, launcher: list[str], env: dict) -> subprocess.Popen:
+    """Start ``launcher ... --config <run>/config.json`` in the background, logging to ``<run>/train.log``."""
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(replace(config, progress=False)), indent=1))
+    with open(run_dir / "train.log", "a") as log:
+        return subprocess.Popen([*launcher, "--config", str(run_dir / "config.json")], cwd=project_root(), env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def launch_torchrun(config: TrainConfig, nproc_per_node: int = 1, nnodes: int = 1, node_rank: int = 0,
+                    rdzv_endpoint: str = "", follow_every: float = 30.0) -> dict:
+    """Train ``config`` as a ``torchrun`` job (``python -m vkd train`` in each process) and wait for it.
+
+    One node: ``--standalone``.  Several: every node runs this with the same ``rdzv_endpoint``
+    (host:port of node 0) and its own ``node_rank``.  While the job runs, the newest line of its
+    ``metrics.csv`` is printed every ``follow_every`` seconds; a failure raises with the log's tail.
+    Returns the run's summary."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
+    if nnodes == 1:
+        launcher.append("--standalone")
+    else:
+        if not rdzv_endpoint:
+            raise ValueError(f"nnodes={nnodes} needs rdzv_endpoint (host:port of node 0)")
+        launcher += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+                     f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={config.name}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if config.run_dir().joinpath("summary.json").is_file():
+        summary = json.loads((config.run_dir() / "summary.json").read_text())
+        if _shaping_settings(summary["config"]) == config.settings():
+            return summary
+    if torch.device(_device(config.device)).type == "cpu":
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+    process = _start(config, [*launcher, "--module", "vkd", "train"], env)
+    metrics, shown = config.run_dir() / "metrics.csv", None
+    while process.poll() is None:
+        time.sleep(min(follow_every, 2.0) if shown is None else follow_every)
+        if metrics.is_file():
+            last = metrics.read_text().strip().splitlines()
+            if len(last) > 1 and last[-1] != shown:
+                shown = last[-1]
+                print(dict(zip(last[0].split(","), shown.split(","), strict=False)), flush=True)
+    if process.returncode:
+        tail = (config.run_dir() / "train.log").read_text().strip().splitlines()[-15:]
+        raise RuntimeError(f"torchrun job {config.name} failed (exit {process.returncode}):\n  " + "\n  ".join(tail))
+    return json.loads((config.run_dir() / "summary.json").read_text())
+
+
+def evaluate_checkpoint(checkpoint: str | Path, arch: str | None = None, dataset: str = "imagefolder",
+                        data_root: str = "data", image_size: int = 224, batch_size: int = 256, device: str = "auto",
+                        workers: int = 4, model_options: dict | None = None, num_classes: int | None = None) -> dict:
+    """Top-1 / top-5 (%) of a checkpoint on a dataset's evaluation split (ImageFolder ``val/`` or ``test/``).
+
+    ``arch`` defaults to the one a vkd checkpoint records.  Accepts vkd's files, DeiT-style
+    ``{"model": state_dict}`` releases and plain state dicts; keys the model lacks (e.g. a
+    distillation projector saved with the student) are listed and ignored."""
+    device = _device(device)
+    if not resolve(checkpoint).is_file():
+        raise FileNotFoundError(f"no checkpoint at {resolve(checkpoint)}")
+    state = torch.load(resolve(checkpoint), map_location="cpu", weights_only=False)
+    arch = arch or (state.get("arch") if isinstance(state, dict) else None)
+    if arch is None:
+        raise ValueError(f"{checkpoint} does not record its architecture: give arch (a timm model name)")
+    config = make_config(dataset=dataset, data_root=data_root, image_size=image_size, batch_size=batch_size,
+                         workers=workers, device=str(device))
+    loader = _test_loader(config, device, Processes())
+    classes = num_classes or (state.get("num_classes") if isinstance(state, dict) else None) or loader.num_classes
+    model = timm.create_model(arch, num_classes=classes, **(model_options or {}))
+    ignored = load_weights(model, checkpoint, strict=False)
+    model.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return {"checkpoint": str(checkpoint), "arch": arch, "images": len(loader.labels), "ignored_keys": ignored,
+            **evaluate(model, loader, autocast)}

@@ -104,6 +104,20 @@ def bench_projectors(
     return pd.DataFrame(rows)
 
 
+def _synthetic_batch(device: str, batch: int, image_size: int, num_classes: int, seed: int):
+    """(device, memory format, random images (B, 3, S, S), labels (B,), autocast) set up as the engine
+    trains: bf16 autocast, channels_last and cuDNN autotuning on a GPU."""
+    torch.manual_seed(seed)
+    device = resolve_device(device)
+    gpu = device.type == "cuda"
+    torch.backends.cudnn.benchmark = gpu
+    memory_format = torch.channels_last if gpu else torch.contiguous_format
+    images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
+    return device, memory_format, images, labels, autocast
+
+
 def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str = "vkd", batch: int = 64,
                 steps: int = 20, num_classes: int = 10, image_size: int = 32, device: str = "cpu",
                 method_options: dict | None = None, seed: int = 0) -> pd.DataFrame:
@@ -116,14 +130,8 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
     from .distillers import Distiller, MethodConfig
     from .engine import train_step
 
-    torch.manual_seed(seed)
-    device = resolve_device(device)
+    device, memory_format, images, labels, autocast = _synthetic_batch(device, batch, image_size, num_classes, seed)
     gpu = device.type == "cuda"
-    torch.backends.cudnn.benchmark = gpu
-    memory_format = torch.channels_last if gpu else torch.contiguous_format
-    images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, num_classes, (batch,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
     frozen = timm.create_model(teacher, num_classes=num_classes)
 
     def distiller(name: str, with_teacher: bool) -> Distiller:
@@ -165,14 +173,8 @@ def bench_deit(student: str = "deit_tiny_distilled_patch16_224", teacher: str = 
     from .distillers import Distiller, MethodConfig
     from .engine import train_step
 
-    torch.manual_seed(seed)
-    device = resolve_device(device)
+    device, memory_format, images, labels, autocast = _synthetic_batch(device, batch, image_size, num_classes, seed)
     gpu = device.type == "cuda"
-    torch.backends.cudnn.benchmark = gpu
-    memory_format = torch.channels_last if gpu else torch.contiguous_format
-    images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, num_classes, (batch,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
     frozen = timm.create_model(teacher, num_classes=num_classes).to(device, memory_format=memory_format)
     deit_objective = {"ce_weight": 1.0, "kd_weight": 1.0, "temperature": 1.0}
     configs = {

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .engine import resolve_device
 from .projectors import ORTHOGONAL_METHODS, OrthogonalProjector
 
 
@@ -44,12 +45,6 @@ def time_interleaved(steps: dict[str, Callable[[], None]], reps: int = 20, slow_
         for name in fast:
             times[name].append(timed(steps[name]))
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def synchronized(step: Callable[[], None], device: torch.device) -> Callable[[], None]:

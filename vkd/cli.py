@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import yaml
@@ -102,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if args.command == "train":
-        import json
-
         from .engine import config_from_file, make_config, train
 
         overrides = _parse_overrides(args.set)
@@ -123,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
         return 0
     if args.command == "eval":
-        import json
-
         from .data import DataNotFoundError
         from .engine import evaluate_checkpoint
 
@@ -138,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     if args.command == "export":
-        import json
-
         from .engine import export_weights
 
         print(json.dumps(export_weights(args.run_dir, args.path, half=not args.float32)))
@@ -174,8 +169,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _where(device: str) -> str:
     """The device a benchmark ran on, in words."""
-
-    from .bench import resolve_device
-    from .engine import device_description
+    from .engine import device_description, resolve_device
 
     return device_description(resolve_device(device))

@@ -208,16 +208,31 @@ def load_tensor_data(name: str, split: str, root: str | Path = "data", download:
     return data
 
 
-def epoch_order(n: int, train: bool, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator that draws epoch ``epoch``'s order (and, for :class:`TensorLoader`, its crops and flips)."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def epoch_order(n: int, train: bool, generator: torch.Generator | None = None, rank: int = 0,
+                world: int = 1) -> torch.Tensor:
     """The sample indices one process visits in an epoch.
 
-    Training: a permutation drawn from (seed, epoch), identical on every process, cut to a multiple
-    of ``world`` and dealt out so that process ``rank`` takes every ``world``-th index.  Evaluation:
-    every ``world``-th index in order (all samples, each once over all processes)."""
+    Training: a permutation drawn from ``generator`` (:func:`epoch_generator`, the same on every
+    process), cut to a multiple of ``world`` and dealt out so that process ``rank`` takes every
+    ``world``-th index.  Evaluation: every ``world``-th index in order (each sample once over all processes)."""
     if not train:
         return torch.arange(rank, n, world)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    order = torch.randperm(n, generator=generator)
     return order[: n // world * world][rank::world]
+
+
+def share_size(n: int, train: bool, rank: int = 0, world: int = 1) -> int:
+    """``len(epoch_order(n, train, ..., rank, world))``, without drawing the order."""
+    return n // world if train else len(range(rank, n, world))
+
+
+def batches(samples: int, batch_size: int, drop_last: bool) -> int:
+    return samples // batch_size if drop_last else -(-samples // batch_size)
 
 
 class TensorLoader:
@@ -240,9 +255,7 @@ class TensorLoader:
         self.epoch = 0
 
     def __len__(self) -> int:
-        n = len(epoch_order(len(self.labels), False, 0, 0, self.rank, self.world)) if not self.train else (
-            len(self.labels) // self.world)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batches(share_size(len(self.labels), self.train, self.rank, self.world), self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -261,13 +274,8 @@ class TensorLoader:
         return padded[batch, channel, rows, cols.view(n, 1, 1, w)]
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.train:  # the permutation is drawn from the generator the augmentation goes on with
-            order = torch.randperm(len(self.labels), generator=generator)
-            order = order[: len(order) // self.world * self.world][self.rank::self.world]
-        else:
-            order = epoch_order(len(self.labels), False, self.seed, self.epoch, self.rank, self.world)
-        order = order.to(self.device)
+        generator = epoch_generator(self.seed, self.epoch)  # draws the order, then the crops and flips
+        order = epoch_order(len(self.labels), self.train, generator, self.rank, self.world).to(self.device)
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             images = self.images[index].float()
@@ -303,15 +311,14 @@ class FolderLoader:
         self.epoch = 0
 
     def __len__(self) -> int:
-        n = len(epoch_order(len(self.labels), self.train, self.seed, self.epoch, self.rank, self.world))
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        return batches(share_size(len(self.labels), self.train, self.rank, self.world), self.batch_size, self.train)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        order = epoch_order(len(self.labels), self.train, self.seed, self.epoch, self.rank, self.world)
-        generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
+        order = epoch_order(len(self.labels), self.train, epoch_generator(self.seed, self.epoch), self.rank, self.world)
+        generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)  # workers
         loader = torch.utils.data.DataLoader(
             _Indexed(self.dataset, order), self.batch_size, shuffle=False, num_workers=self.workers,
             drop_last=self.train, pin_memory=self.device.type == "cuda", generator=generator,

@@ -118,7 +118,8 @@ def _shaping_settings(config: dict) -> dict:
     return json.loads(json.dumps(merged, default=str))  # tuples -> lists, as after a JSON round trip
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (a GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -243,7 +244,7 @@ class Processes:
 def join_processes(device_name: str) -> tuple[Processes, torch.device]:
     """Join the ``torchrun`` job this process belongs to (NCCL on GPUs, gloo on the CPU), if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = _device(device_name)
+    device = resolve_device(device_name)
     if world == 1:
         return Processes(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -286,16 +287,12 @@ def _split_loader(config: TrainConfig, device: torch.device, processes: Processe
     return loader
 
 
-def _test_loader(config: TrainConfig, device: torch.device, processes: Processes):
-    return _split_loader(config, device, processes, train=False)
-
-
 def _loaders(config: TrainConfig, device: torch.device, processes: Processes = Processes()):
     train = _split_loader(config, device, processes, train=True)
     if len(train) == 0:
         raise ValueError(f"batch_size {config.batch_size} exceeds the {len(train.labels)} training images "
                          f"(fraction {config.fraction}, {processes.world} process(es)); an epoch would have no step")
-    return train, _test_loader(config, device, processes), train.num_classes
+    return train, _split_loader(config, device, processes, train=False), train.num_classes
 
 
 @torch.no_grad()
@@ -403,11 +400,9 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     call after that epoch as if interrupted (for tests).  Returns the summary also written to summary.json;
     a finished run with the same settings is not trained again: its summary is returned as it is."""
     run_dir = config.run_dir()
-    finished = run_dir / "summary.json"
-    if finished.is_file():
-        summary = json.loads(finished.read_text())
-        if _shaping_settings(summary["config"]) == config.settings():
-            return summary
+    summary = finished_summary(config)
+    if summary is not None:
+        return summary
     processes, device = join_processes(config.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -573,6 +568,15 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     return json.loads(json.dumps(summary))  # as a later call reusing the run reads it back
 
 
+def finished_summary(config: TrainConfig) -> dict | None:
+    """The summary of the finished run ``config`` names, if its settings are ``config``'s; else None."""
+    path = config.run_dir() / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if _shaping_settings(summary["config"]) == config.settings() else None
+
+
 def _rng_state(device: torch.device) -> dict:
     """Every random stream a training step may draw from (torch CPU and CUDA, NumPy, Python)."""
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -648,9 +652,10 @@ def train_many(configs: list[TrainConfig], processes: int = 1) -> list[dict]:
     if processes <= 1:
         return [train(config) for config in configs]
     gpus = torch.cuda.device_count()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
-    waiting, running, failed = list(enumerate(configs)), {}, []
-    bar = tqdm(total=len(configs), desc=f"{len(configs)} runs, {processes} at a time", mininterval=5)
+    env = _child_env(processes)
+    waiting = [(slot, config) for slot, config in enumerate(configs) if finished_summary(config) is None]
+    running, failed = {}, []
+    bar = tqdm(total=len(waiting), desc=f"{len(waiting)} runs, {processes} at a time", mininterval=5)
     while waiting or running:
         while waiting and len(running) < processes:
             slot, config = waiting.pop(0)
@@ -668,7 +673,13 @@ def train_many(configs: list[TrainConfig], processes: int = 1) -> list[dict]:
     bar.close()
     if failed:
         raise RuntimeError("training failed for " + "\n  ".join(failed))
-    return [json.loads((config.run_dir() / "summary.json").read_text()) for config in configs]
+    return [finished_summary(config) for config in configs]
+
+
+def _child_env(processes: int) -> dict:
+    """The environment of ``processes`` training processes started together: unbuffered output, and the
+    CPU threads divided between them."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
 
 
 def _start(config: TrainConfig, launcher: list[str], env: dict) -> subprocess.Popen:
@@ -697,14 +708,10 @@ def launch_torchrun(config: TrainConfig, nproc_per_node: int = 1, nnodes: int = 
             raise ValueError(f"nnodes={nnodes} needs rdzv_endpoint (host:port of node 0)")
         launcher += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
                      f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={config.name}"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if config.run_dir().joinpath("summary.json").is_file():
-        summary = json.loads((config.run_dir() / "summary.json").read_text())
-        if _shaping_settings(summary["config"]) == config.settings():
-            return summary
-    if torch.device(_device(config.device)).type == "cpu":
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
-    process = _start(config, [*launcher, "--module", "vkd", "train"], env)
+    summary = finished_summary(config)
+    if summary is not None:
+        return summary
+    process = _start(config, [*launcher, "--module", "vkd", "train"], _child_env(nproc_per_node))
     metrics, shown = config.run_dir() / "metrics.csv", None
     while process.poll() is None:
         time.sleep(min(follow_every, 2.0) if shown is None else follow_every)
@@ -716,7 +723,7 @@ def launch_torchrun(config: TrainConfig, nproc_per_node: int = 1, nnodes: int = 
     if process.returncode:
         tail = (config.run_dir() / "train.log").read_text().strip().splitlines()[-15:]
         raise RuntimeError(f"torchrun job {config.name} failed (exit {process.returncode}):\n  " + "\n  ".join(tail))
-    return json.loads((config.run_dir() / "summary.json").read_text())
+    return finished_summary(config)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, arch: str | None = None, dataset: str = "imagefolder",
@@ -727,7 +734,7 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | None = None, dataset
     ``arch`` defaults to the one a vkd checkpoint records.  Accepts vkd's files, DeiT-style
     ``{"model": state_dict}`` releases and plain state dicts; keys the model lacks (e.g. a
     distillation projector saved with the student) are listed and ignored."""
-    device = _device(device)
+    device = resolve_device(device)
     if not resolve(checkpoint).is_file():
         raise FileNotFoundError(f"no checkpoint at {resolve(checkpoint)}")
     state = torch.load(resolve(checkpoint), map_location="cpu", weights_only=False)
@@ -736,7 +743,7 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | None = None, dataset
         raise ValueError(f"{checkpoint} does not record its architecture: give arch (a timm model name)")
     config = make_config(dataset=dataset, data_root=data_root, image_size=image_size, batch_size=batch_size,
                          workers=workers, device=str(device))
-    loader = _test_loader(config, device, Processes())
+    loader = _split_loader(config, device, Processes(), train=False)
     classes = num_classes or (state.get("num_classes") if isinstance(state, dict) else None) or loader.num_classes
     model = timm.create_model(arch, num_classes=classes, **(model_options or {}))
     ignored = load_weights(model, checkpoint, strict=False)

@@ -51,6 +51,21 @@ def test_every_method_distils_from_a_trained_teacher(data_root, tmp_path):
     assert teacher["epochs"] == 1
 
 
+def test_compiled_run_matches_the_eager_run(data_root, tmp_path):
+    teacher = tmp_path / "runs/teacher/model.pt"
+    train(config(data_root, tmp_path, name="teacher", epochs=1))
+    common = dict(method="vkd", epochs=1, teacher="resnet8", teacher_checkpoint=str(teacher))
+    eager = train(config(data_root, tmp_path, name="eager", **common))
+    compiled = train(config(data_root, tmp_path, name="compiled", compile=True, **common))
+    assert compiled["config"]["compile"] and not eager["config"]["compile"]
+    a = pd.read_csv(tmp_path / "runs/eager/metrics.csv")
+    b = pd.read_csv(tmp_path / "runs/compiled/metrics.csv")
+    for column in ("train_ce", "train_vkd", "test_acc"):
+        assert b[column].item() == pytest.approx(a[column].item(), rel=1e-3, abs=1e-4), column
+    weights = torch.load(tmp_path / "runs/compiled/model.pt")["model"]
+    assert set(weights) == set(torch.load(tmp_path / "runs/eager/model.pt")["model"])  # no "_orig_mod." names
+
+
 def test_teacher_cache_gives_the_same_run(data_root, tmp_path):
     teacher = tmp_path / "runs/teacher/model.pt"
     train(config(data_root, tmp_path, name="teacher", epochs=1))

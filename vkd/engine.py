@@ -43,8 +43,42 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the last epoch's checkpoint is left as it was."""
 
 
+class RunConfig:
+    """What every run configuration (a dataclass with ``name`` and ``out_dir``) shares: its folder, the
+    settings that shape its result, and a digest of them that names the folder."""
+
+    NOT_SHAPING = ("name", "out_dir", "progress")  # fields that do not change the result
+
+    def run_dir(self) -> Path:
+        return resolve(self.out_dir) / self.name
+
+    @classmethod
+    def shaping(cls, config: dict) -> dict:
+        """``config`` (this class as a dict, possibly read back from JSON or an older checkpoint) without
+        the fields that do not shape the result, with fields added since it was written at their defaults."""
+        defaults = {k: v for k, v in asdict(cls()).items() if k not in cls.NOT_SHAPING}
+        merged = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+        return json.loads(json.dumps(merged, default=str))  # tuples -> lists, as after a JSON round trip
+
+    def settings(self) -> dict:
+        """The fields that shape the result (all but NOT_SHAPING), JSON-normalised."""
+        return self.shaping(asdict(self))
+
+    def digest(self) -> str:
+        """8 hex digits identifying :meth:`settings`; only the settings that differ from their defaults
+        enter, so adding a setting leaves the digests of earlier runs as they were."""
+        defaults = type(self)().settings()
+        changed = {k: v for k, v in self.settings().items() if v != defaults[k]}
+        return hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+
+    def named(self, prefix: str):
+        """This config with name ``<prefix>-<digest>``: changing any setting gives a new run folder, and
+        rerunning with the same settings finds (and resumes or reuses) the old one."""
+        return replace(self, name=f"{prefix}-{self.digest()}")
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Everything a run depends on; stored in the checkpoint and in summary.json."""
 
     name: str = "run"  # run folder name under out_dir
@@ -88,34 +122,8 @@ class TrainConfig:
     drop_path: float = 0.0  # the student's stochastic-depth rate (timm drop_path_rate)
     clip_grad: float = 0.0  # largest gradient norm (0: no clipping)
     ema_decay: float = 0.0  # >0: also keep and evaluate an exponential moving average of the student
+    compile: bool = False  # torch.compile the training forward pass (student, teacher, losses): long GPU runs
     progress: bool = True  # tqdm bars
-
-    def run_dir(self) -> Path:
-        return resolve(self.out_dir) / self.name
-
-    def settings(self) -> dict:
-        """The fields that shape the result (all but name, out_dir, progress), JSON-normalised."""
-        return _shaping_settings(asdict(self))
-
-    def digest(self) -> str:
-        """8 hex digits identifying :meth:`settings`; only the settings that differ from their defaults
-        enter, so adding a setting to TrainConfig leaves the digests of earlier runs as they were."""
-        defaults = TrainConfig().settings()
-        changed = {k: v for k, v in self.settings().items() if v != defaults[k]}
-        return hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
-
-    def named(self, prefix: str) -> TrainConfig:
-        """This config with name ``<prefix>-<digest>``: changing any setting gives a new run folder, and
-        rerunning with the same settings finds (and resumes or reuses) the old one."""
-        return replace(self, name=f"{prefix}-{self.digest()}")
-
-
-def _shaping_settings(config: dict) -> dict:
-    """``config`` (a TrainConfig as a dict, possibly read back from JSON or an older checkpoint) without
-    the fields that do not shape the result, with fields added since it was written at their defaults."""
-    defaults = {k: v for k, v in asdict(TrainConfig()).items() if k not in ("name", "out_dir", "progress")}
-    merged = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
-    return json.loads(json.dumps(merged, default=str))  # tuples -> lists, as after a JSON round trip
 
 
 def resolve_device(name: str) -> torch.device:
@@ -195,7 +203,7 @@ def export_weights(run_dir: str | Path, path: str | Path, half: bool = True) -> 
     state["test_acc"] = summary["last_acc"]
     path = resolve(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save_atomic(state, path)
+    save_atomic(state, path)
     return {"path": str(path), "sha256": sha256(path), "arch": state["arch"], "test_acc": summary["last_acc"],
             "dataset": summary["dataset"], "epochs": summary["epochs"], "device": summary["device"],
             "wall_seconds": summary["wall_seconds"]}
@@ -381,7 +389,8 @@ def _scheduler(config: TrainConfig, optimizer):
     raise ValueError(f"unknown schedule {config.schedule!r}; expected 'multistep' or 'cosine'")
 
 
-def _save_atomic(obj, path: Path) -> None:
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: ``path`` always holds a whole file (old or new)."""
     partial = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, partial)
     os.replace(partial, path)
@@ -418,6 +427,8 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     distiller.to(device)
     if device.type == "cuda" and config.channels_last:
         distiller.to(memory_format=torch.channels_last)
+    if config.compile:  # the whole forward (student, teacher, losses); in place, so checkpoints keep their names
+        distiller.compile()
     model = distiller
     if processes.world > 1:  # gradients averaged over the processes; rank 0's BatchNorm statistics shared
         model = torch.nn.parallel.DistributedDataParallel(
@@ -458,7 +469,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
 
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        previous = _shaping_settings(state["config"])
+        previous = TrainConfig.shaping(state["config"])
         changed = sorted(k for k, v in config.settings().items() if previous[k] != v)
         if changed:
             raise ValueError(f"{checkpoint_path} belongs to a run with other settings ({changed}); "
@@ -472,7 +483,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
-        _set_rng_state(state["rng"][processes.rank] if isinstance(state["rng"], list) else state["rng"], device)
+        set_rng_state(state["rng"][processes.rank] if isinstance(state["rng"], list) else state["rng"], device)
         rows, probes, start_epoch, elapsed = state["metrics"], state["probes"], state["epoch"], state["elapsed"]
     if start_epoch == 0:
         scheduler.step(0)
@@ -536,10 +547,10 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         rows.append(row)
         if probe is not None and not probe_every:
             record_probe(epoch + 1, step)
-        rng = _gather(_rng_state(device), processes)
+        rng = _gather(rng_state(device), processes)
         if processes.main:
             pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
-            _save_atomic({"epoch": epoch + 1, "config": asdict(config), "student": distiller.student.state_dict(),
+            save_atomic({"epoch": epoch + 1, "config": asdict(config), "student": distiller.student.state_dict(),
                           "losses": distiller.losses.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "rng": rng, "world_size": processes.world,
                           "ema": ema.module.state_dict() if ema is not None else None, "metrics": rows,
@@ -560,7 +571,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     if ema is not None:
         summary.update(best_acc_ema=max(r["test_acc_ema"] for r in rows), last_acc_ema=rows[-1]["test_acc_ema"])
     if processes.main:
-        _save_atomic({"model": distiller.student.state_dict(), "arch": config.student, "num_classes": num_classes,
+        save_atomic({"model": distiller.student.state_dict(), "arch": config.student, "num_classes": num_classes,
                       "options": config.student_options, "ema": ema.module.state_dict() if ema is not None else None},
                      run_dir / "model.pt")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -568,22 +579,22 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     return json.loads(json.dumps(summary))  # as a later call reusing the run reads it back
 
 
-def finished_summary(config: TrainConfig) -> dict | None:
+def finished_summary(config: RunConfig) -> dict | None:
     """The summary of the finished run ``config`` names, if its settings are ``config``'s; else None."""
     path = config.run_dir() / "summary.json"
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
-    return summary if _shaping_settings(summary["config"]) == config.settings() else None
+    return summary if type(config).shaping(summary["config"]) == config.settings() else None
 
 
-def _rng_state(device: torch.device) -> dict:
+def rng_state(device: torch.device) -> dict:
     """Every random stream a training step may draw from (torch CPU and CUDA, NumPy, Python)."""
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "numpy": np.random.get_state(), "python": random.getstate()}
 
 
-def _set_rng_state(state, device: torch.device) -> None:
+def set_rng_state(state, device: torch.device) -> None:
     if isinstance(state, torch.Tensor):  # checkpoints written before the other streams were saved
         torch.set_rng_state(state)
         return

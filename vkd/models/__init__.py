@@ -1,4 +1,5 @@
-"""CIFAR models registered with timm (``import vkd``, then ``timm.create_model(name, num_classes=...)``).
+"""CIFAR models and the conv-stem DeiT students (``deit_{tiny,small}_convstem_patch16_224``), registered
+with timm (``import vkd``, then ``timm.create_model(name, num_classes=...)``).
 
 Every model follows timm's interface: ``forward_features(x)`` gives the last feature map (B, C, H, W)
 or, for transformers, the tokens (B, prefix + N, d); ``forward_head(features, pre_logits=True)`` the
@@ -7,7 +8,7 @@ pooled (B, C) feature; ``forward_head(features)`` the logits; ``num_features`` t
 import torch
 from torch import nn
 
-from . import cifar_mobilenet, cifar_resnet, cifar_vit  # noqa: F401  (register the models with timm)
+from . import cifar_mobilenet, cifar_resnet, cifar_vit, deit_convstem  # noqa: F401  (register them with timm)
 from .cifar_resnet import CifarResNet
 
 CIFAR_MODELS = ("resnet8", "resnet20", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_2",

@@ -116,11 +116,11 @@ class CifarResNet(nn.Module):
 
 
 def _build_checked(cls, pretrained: bool = False, **kwargs):
-    """Instantiate a CIFAR model from timm's factory (whose pretrained-config options it drops)."""
+    """Instantiate one of vkd's models from timm's factory (whose pretrained-config options it drops)."""
     if pretrained:
         raise ValueError(
-            "no published weights are bundled for the CIFAR models; train a teacher with notebook 01 or load a "
-            "checkpoint with vkd.engine.load_weights(model, path)"
+            f"no published weights are bundled for vkd's {cls.__name__} models; train one (e.g. a teacher with "
+            "notebook 01) or load a checkpoint with vkd.engine.load_weights(model, path)"
         )
     for timm_option in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(timm_option, None)

@@ -159,20 +159,25 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_weights(model: nn.Module, path: str | Path, expected_sha256: str | None = None, strict: bool = True):
-    """Load a checkpoint into ``model``; returns its sha256 (checked against ``expected_sha256``).
-
-    Accepts vkd's ``model.pt`` / ``checkpoint.pt``, mdistiller's ``{"model": state_dict}`` teacher
-    checkpoints, and plain state dicts; half-precision weights are cast to the model's dtype.
-    ``strict=False``: keys the model does not have are ignored and returned (sorted) instead of the
-    sha256; every weight of the model must still be in the file."""
+def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> tuple[object, str]:
+    """The contents of a checkpoint file and its sha256 (checked against ``expected_sha256`` when given)."""
     path = resolve(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: train the teacher first (notebook 01) or give its path")
     digest = sha256(path)
     if expected_sha256 and digest != expected_sha256:
         raise ValueError(f"checksum mismatch for {path}: expected sha256 {expected_sha256}, got {digest}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False), digest
+
+
+def load_state(model: nn.Module, contents, strict: bool = True) -> list[str]:
+    """Load checkpoint ``contents`` into ``model``; returns the keys the model does not have (sorted).
+
+    Accepts vkd's ``model.pt`` / ``checkpoint.pt``, mdistiller's ``{"model": state_dict}`` teacher
+    checkpoints, DeiT-style releases and plain state dicts; half-precision weights are cast to the
+    model's dtype.  ``strict=False``: keys the model does not have are ignored (and returned); every
+    weight of the model must still be in the file."""
+    state = contents
     for key in ("model", "student", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -182,12 +187,19 @@ def load_weights(model: nn.Module, path: str | Path, expected_sha256: str | None
     state = {k: v.to(reference[k].dtype) if k in reference and v.is_floating_point() else v for k, v in state.items()}
     if strict:
         model.load_state_dict(state)
-        return digest
+        return []
     missing = sorted(set(reference) - set(state))
     if missing:
-        raise ValueError(f"{path} lacks {len(missing)} of the model's weights, e.g. {missing[:5]}")
+        raise ValueError(f"the checkpoint lacks {len(missing)} of the model's weights, e.g. {missing[:5]}")
     model.load_state_dict({k: v for k, v in state.items() if k in reference})
     return sorted(set(state) - set(reference))
+
+
+def load_weights(model: nn.Module, path: str | Path, expected_sha256: str | None = None, strict: bool = True) -> str:
+    """Load the checkpoint file ``path`` into ``model`` (see :func:`load_state`); returns its sha256."""
+    contents, digest = read_checkpoint(path, expected_sha256)
+    load_state(model, contents, strict)
+    return digest
 
 
 def export_weights(run_dir: str | Path, path: str | Path, half: bool = True) -> dict:
@@ -308,13 +320,15 @@ def evaluate(model: nn.Module, loader, autocast, processes: Processes = Processe
     """Top-1 and top-5 accuracy (%) and mean cross-entropy of ``model`` over ``loader`` (all processes' shares)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=loader.device)  # correct, top-5 correct, loss, count
+    count = 0
     for images, labels, _ in loader:  # sums stay on the device: one synchronisation per evaluation
         with autocast:
             logits = model(images)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        totals += torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
-                               F.cross_entropy(logits.float(), labels, reduction="sum"),
-                               torch.tensor(len(labels), device=labels.device)]).double()
+        totals[:3] += torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
+                                   F.cross_entropy(logits.float(), labels, reduction="sum")]).double()
+        count += len(labels)
+    totals[3] = count
     correct, correct5, loss, count = processes.sum(totals).tolist()
     return {"test_acc": 100.0 * correct / count, "test_top5": 100.0 * correct5 / count, "test_loss": loss / count}
 
@@ -746,9 +760,7 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | None = None, dataset
     ``{"model": state_dict}`` releases and plain state dicts; keys the model lacks (e.g. a
     distillation projector saved with the student) are listed and ignored."""
     device = resolve_device(device)
-    if not resolve(checkpoint).is_file():
-        raise FileNotFoundError(f"no checkpoint at {resolve(checkpoint)}")
-    state = torch.load(resolve(checkpoint), map_location="cpu", weights_only=False)
+    state, _ = read_checkpoint(checkpoint)
     arch = arch or (state.get("arch") if isinstance(state, dict) else None)
     if arch is None:
         raise ValueError(f"{checkpoint} does not record its architecture: give arch (a timm model name)")
@@ -757,7 +769,7 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | None = None, dataset
     loader = _split_loader(config, device, Processes(), train=False)
     classes = num_classes or (state.get("num_classes") if isinstance(state, dict) else None) or loader.num_classes
     model = timm.create_model(arch, num_classes=classes, **(model_options or {}))
-    ignored = load_weights(model, checkpoint, strict=False)
+    ignored = load_state(model, state, strict=False)
     model.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     return {"checkpoint": str(checkpoint), "arch": arch, "images": len(loader.labels), "ignored_keys": ignored,

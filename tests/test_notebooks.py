@@ -18,7 +18,7 @@ def test_there_are_notebooks():
     assert [p.stem[:2] for p in NOTEBOOKS][:1] == ["00"]
 
 
-NEEDS_CIFAR10 = {"01_cifar_distillation", "05_imagenet_deit"}
+NEEDS_CIFAR10 = {"01_cifar_distillation", "05_imagenet_deit", "06_data_limited_gan"}
 
 
 def cifar10_available() -> bool:

@@ -1,4 +1,4 @@
-"""Results tables: our runs next to the papers' numbers (``data/paper_numbers.csv``)."""
+"""Results tables: our runs next to the papers' numbers (``data/paper_numbers.csv``, ``data/paper_fid.csv``)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,18 @@ import pandas as pd
 from .paths import resolve
 
 PAPER_NUMBERS = "data/paper_numbers.csv"
+PAPER_FID = "data/paper_fid.csv"
 
 
 def paper_numbers() -> pd.DataFrame:
     """The papers' reported top-1 accuracies: paper, dataset, teacher, student, method, top1, source."""
     return pd.read_csv(resolve(PAPER_NUMBERS))
+
+
+def paper_fid() -> pd.DataFrame:
+    """VkD's data-limited generation table (Inception FID, lower is better): paper, dataset, fraction, method,
+    fid, fid_std, source; method names as notebook 06 runs them (da, vkd-layernorm, vkd-whiten, ...)."""
+    return pd.read_csv(resolve(PAPER_FID))
 
 
 def with_paper_numbers(results: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,184 @@
+"""vkd.gan: DiffAugment, the BigGAN-style networks, FID against its closed form, resumable training."""
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vkd import data
+from vkd.engine import TrainConfig, train
+from vkd.gan import (
+    FID,
+    Discriminator,
+    GANConfig,
+    Generator,
+    ImageEmbedding,
+    class_spread,
+    clip_embedding,
+    diff_augment,
+    load_generator,
+    train_gan,
+)
+from vkd.gan.augment import cutout, translation
+
+
+def test_translation_moves_content_by_at_most_an_eighth_and_fills_zeros():
+    torch.manual_seed(0)
+    x = torch.zeros(64, 3, 32, 32)
+    x[:, :, 16, 16] = 1.0
+    out = translation(x)
+    assert out.shape == x.shape
+    for image in out:
+        where = image[0].nonzero()
+        assert len(where) == 1  # the pixel moved (never duplicated or lost: it stays inside)
+        assert (where[0] - 16).abs().max() <= 4
+    shifts = {tuple(image[0].nonzero()[0].tolist()) for image in out}
+    assert len(shifts) > 10  # shifts differ between images
+    ones = translation(torch.ones(256, 3, 32, 32))
+    assert (ones == 0).any() and set(ones.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_cutout_zeroes_a_square_of_half_the_side():
+    torch.manual_seed(0)
+    out = cutout(torch.ones(200, 3, 32, 32))
+    zeros = (out[:, 0] == 0).sum(dim=(1, 2))
+    assert zeros.max() == 16 * 16 and zeros.min() >= 8 * 8  # clipped by the border at worst to a quarter
+    assert torch.equal(out[:, 0], out[:, 1])  # the same square in every channel
+
+
+def test_diff_augment_is_differentiable_and_checks_its_policy():
+    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    diff_augment(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert torch.equal(diff_augment(x, ""), x)
+    with pytest.raises(ValueError, match="unknown DiffAugment policy 'flip'"):
+        diff_augment(x, "color,flip")
+
+
+def test_generator_and_discriminator_shapes_and_conditioning():
+    torch.manual_seed(0)
+    g, d = Generator(10, channels=16, z_dim=8), Discriminator(10, channels=16, head_dim=6)
+    images = g(torch.randn(5, 8), torch.arange(5))
+    assert images.shape == (5, 3, 32, 32) and images.abs().max() <= 1
+    logits, embedding = d(images, torch.arange(5))
+    assert logits.shape == (5,) and embedding.shape == (5, 6)
+    other, _ = d(images, torch.arange(5) + 1)
+    assert not torch.allclose(logits, other)  # the projection term makes D class-conditional
+    assert Discriminator(10, channels=16)(images, torch.arange(5))[1].shape == (5, 16)
+    with pytest.raises(ValueError, match=r"z of shape \(B, 8\)"):
+        g(torch.randn(5, 7), torch.arange(5))
+
+
+def _pixels_as_features() -> ImageEmbedding:
+    """uint8 images (B, 3, 1, 2) -> their 6 pixel values / 255 as features."""
+    return ImageEmbedding(nn.Flatten(), 6, mean=(0, 0, 0), std=(1, 1, 1), name="pixels")
+
+
+def _gaussian_images(n, mean, scale, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.as_tensor(mean) + torch.randn(n, 6, generator=generator) @ torch.as_tensor(scale).T
+    return x.round().clamp(0, 255).to(torch.uint8).view(n, 3, 1, 2)
+
+
+def _frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Closed form between Gaussians fitted to the rows of a and b: |Δμ|² + tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    evals, evecs = torch.linalg.eigh(cov_a)
+    root_a = evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.T
+    middle = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * middle)
+
+
+def test_fid_equals_the_closed_form_between_two_gaussians_and_zero_for_identical_sets():
+    mean_a, mean_b = torch.full((6,), 120.0), torch.tensor([100.0, 130, 120, 110, 140, 125])
+    scale_a = torch.eye(6) * 20
+    scale_b = torch.eye(6) * 15 + torch.ones(6, 6) * 4  # correlated features
+    real, fake = _gaussian_images(4000, mean_a, scale_a, 0), _gaussian_images(4000, mean_b, scale_b, 1)
+    fid = FID(_pixels_as_features())
+    fid.add_real(real.split(1000))
+    features = lambda images: images.flatten(1).double() / 255  # noqa: E731
+    assert fid(fake.split(1000)) == pytest.approx(_frechet(features(real), features(fake)), rel=1e-4)
+    # and the population value: the sampled sets estimate it (features are pixels / 255)
+    population = ((mean_a - mean_b).square().sum() + (scale_a @ scale_a.T).trace() + (scale_b @ scale_b.T).trace()
+                  - 2 * torch.linalg.eigvals(scale_a @ scale_a.T @ scale_b @ scale_b.T).sqrt().real.sum()) / 255**2
+    assert fid(fake.split(1000)) == pytest.approx(float(population), rel=0.1)
+    assert abs(fid(real.split(1000))) < 1e-6
+    assert "not comparable" in fid.feature_space
+
+
+def test_clip_teacher_loads_a_local_open_clip_file(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-S-32")
+    torch.save(model.state_dict(), tmp_path / "clip.pt")
+    embedding = clip_embedding(str(tmp_path / "clip.pt"), model_name="ViT-S-32")
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    expected = model.encode_image((F.interpolate((images + 1) / 2, size=224, mode="bilinear") - embedding.mean)
+                                  / embedding.std)
+    assert torch.allclose(embedding(images), expected, atol=1e-5)
+    assert embedding.num_features == expected.shape[1]
+
+
+def test_class_spread_is_the_mean_within_class_variance_and_zero_for_repeated_images():
+    images = _gaussian_images(300, torch.full((6,), 120.0), torch.eye(6) * 20, 0)
+    labels = torch.arange(300) % 3
+    features = images.flatten(1).double() / 255
+    expected = sum(torch.cov(features[labels == c].T).trace() for c in range(3)) / 3
+    assert class_spread(_pixels_as_features(), images, labels) == pytest.approx(float(expected), rel=1e-6)
+    repeated = images[:3].repeat(100, 1, 1, 1)  # image c for every sample of class c
+    assert class_spread(_pixels_as_features(), repeated, torch.arange(300) % 3) == pytest.approx(0, abs=1e-9)
+
+
+def test_missing_inception_and_clip_weights_are_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no Inception weights at .*nowhere.pth: download"):
+        FID("inception", inception_weights=str(tmp_path / "nowhere.pth"))
+    with pytest.raises((FileNotFoundError, ImportError), match="CLIP weights at|open_clip"):
+        clip_embedding(str(tmp_path / "clip.bin"))
+
+
+@pytest.fixture
+def teacher(tmp_path, monkeypatch, tiny_archive):
+    """A resnet8 trained for one epoch on the tiny archive: the teacher and the FID feature space."""
+    monkeypatch.setenv(data.ARCHIVE_ENV, str(tiny_archive))
+    train(TrainConfig(name="teacher", out_dir=str(tmp_path / "runs"), data_root=str(tmp_path / "data"),
+                      student="resnet8", epochs=1, batch_size=2, progress=False))
+    return str(tmp_path / "runs/teacher/model.pt")
+
+
+def gan_config(tmp_path, teacher, **changes) -> GANConfig:
+    base = dict(out_dir=str(tmp_path / "runs"), data_root=str(tmp_path / "data"), fraction=1.0, teacher="resnet8",
+                teacher_checkpoint=teacher, channels=8, z_dim=8, batch_size=4, d_steps=2, iterations=4,
+                eval_every=2, ema_decay=0.9, fid_samples=6, fid_features="teacher", progress=False)
+    return GANConfig(**{**base, **changes})
+
+
+def test_resumed_gan_run_equals_uninterrupted_run(tmp_path, teacher):
+    for method in ("da", "vkd"):
+        full = train_gan(gan_config(tmp_path, teacher, name=f"{method}-full", method=method))
+        split = gan_config(tmp_path, teacher, name=f"{method}-split", method=method)
+        assert train_gan(split, stop_after_iteration=2) == {"stopped_after_iteration": 2}
+        resumed = train_gan(split)
+        assert resumed["last_fid"] == full["last_fid"]
+        a = torch.load(tmp_path / f"runs/{method}-full/generator.pt")["generator"]
+        b = torch.load(tmp_path / f"runs/{method}-split/generator.pt")["generator"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        metrics = [pd.read_csv(tmp_path / f"runs/{method}-{run}/metrics.csv").drop(columns="seconds")
+                   for run in ("full", "split")]
+        pd.testing.assert_frame_equal(*metrics)
+        assert list(metrics[0].iteration) == [2, 4]
+        assert ("kd_loss" in metrics[0]) == (method == "vkd")
+    assert "resnet8" in resumed["fid_feature_space"] and "not comparable" in resumed["fid_feature_space"]
+    assert (tmp_path / "runs/vkd-full/samples.png").is_file()
+    generator = load_generator(tmp_path / "runs/vkd-full/generator.pt")
+    assert not generator.training and generator(torch.randn(2, 8), torch.tensor([0, 1])).shape == (2, 3, 32, 32)
+
+
+def test_gan_config_errors(tmp_path, teacher):
+    with pytest.raises(ValueError, match="unknown GAN method 'kd'"):
+        train_gan(gan_config(tmp_path, teacher, method="kd"))
+    with pytest.raises(ValueError, match="multiple of eval_every"):
+        train_gan(gan_config(tmp_path, teacher, iterations=5))
+    with pytest.raises(ValueError, match=r"embedding \(128-d\) is wider than the teacher's \(64-d\).*head_dim <= 64"):
+        train_gan(gan_config(tmp_path, teacher, method="vkd", channels=128))

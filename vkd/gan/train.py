@@ -1,0 +1,296 @@
+"""Training a data-limited class-conditional GAN, with or without VkD distillation into the discriminator.
+
+``train_gan(GANConfig(...))`` writes to ``<out_dir>/<name>/``: ``metrics.csv`` (one row per evaluation:
+losses, FID, seconds), ``samples.png`` (a fixed grid of the EMA generator's images after the last
+evaluation), ``summary.json`` and ``checkpoint.pt`` (written atomically at every evaluation; a rerun
+resumes from it exactly, so a crash loses at most ``eval_every`` iterations), ``generator.pt`` at the end.
+
+One iteration = ``d_steps`` discriminator updates, then one generator update (hinge losses, Adam),
+with DiffAugment on every image the discriminator sees.  Method ``"vkd"`` adds to the discriminator's loss
+
+    kd_weight · [VkD(head(D(T(x))), teacher(T(x))) + VkD(head(D(T(G(z)))), teacher(T(G(z))))]
+
+-- the discriminator's pooled features (or a regression head's map of them) through VkD's orthogonal
+projector, against the teacher's embedding of the same augmented image normalised by ``norm`` (``none`` /
+``layernorm`` / ``whiten``: vkd.normalization), for the real batch and the generated batch separately.
+Method ``"da"`` is the DiffAugment baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from .. import data as vdata
+from ..engine import (
+    NonFiniteLossError,
+    RunConfig,
+    device_description,
+    finished_summary,
+    git_revision,
+    resolve_device,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
+from ..losses import VkDLoss
+from ..paths import resolve
+from ..projectors import retract_
+from .augment import DIFFAUGMENT_POLICY, diff_augment
+from .features import ImageEmbedding, classifier_embedding, clip_embedding
+from .fid import FID, to_uint8
+from .models import Discriminator, Generator
+
+GAN_METHODS = ("da", "vkd")
+
+
+@dataclass
+class GANConfig(RunConfig):
+    """Everything a GAN run depends on; stored in the checkpoint and in summary.json."""
+
+    name: str = "gan"
+    out_dir: str = "runs"
+    dataset: str = "cifar10-jpeg"  # vkd.data.DATASETS
+    data_root: str = "data"
+    download: bool = False
+    fraction: float = 0.1  # class-stratified fraction of the training set (the data-limited setting)
+    method: str = "da"  # da (DiffAugment baseline) | vkd
+    norm: str = "whiten"  # vkd: teacher normalisation none | layernorm | whiten
+    distance: str = "mse"  # vkd: vkd.losses.DISTANCES
+    kd_weight: float = 1.0
+    teacher: str = "resnet32x4"  # vkd: a classifier (timm name) or "clip" (open_clip ViT-B/32)
+    teacher_checkpoint: str = "data/teachers/resnet32x4_cifar10-jpeg.pt"  # its weights (CLIP: open_clip file)
+    teacher_sha256: str | None = None
+    channels: int = 256  # width of generator and discriminator (BigGAN CIFAR: 256)
+    head_dim: int = 0  # vkd: 0 projects D's pooled features (channels <= teacher width); >0: a linear head first
+    z_dim: int = 128
+    iterations: int = 100_000  # generator updates
+    batch_size: int = 50
+    d_steps: int = 4  # discriminator updates per generator update
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    betas: tuple = (0.0, 0.999)
+    ema_decay: float = 0.9999  # generator EMA (0: evaluate the generator itself)
+    policy: str = DIFFAUGMENT_POLICY
+    eval_every: int = 5000  # iterations between FID evaluations and checkpoints
+    fid_samples: int = 10_000  # generated images per FID; the real set is as many test images
+    fid_features: str = "inception"  # inception | teacher (the teacher's embedding) | an arch:checkpoint pair
+    inception_weights: str = ""  # local Inception file (empty: torch-fidelity downloads it; online)
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+def build_teacher_embedding(config: GANConfig) -> ImageEmbedding:
+    if config.teacher == "clip":
+        return clip_embedding(config.teacher_checkpoint, sha256=config.teacher_sha256)
+    return classifier_embedding(config.teacher, config.teacher_checkpoint, config.teacher_sha256, config.dataset)
+
+
+def evaluation_embedding(config: GANConfig, teacher: ImageEmbedding | None = None) -> ImageEmbedding | None:
+    """The feature space ``fid_features`` names: the teacher's embedding ("teacher"), a classifier's pooled
+    features ("ARCH:CHECKPOINT"), or None for "inception" (torchmetrics' own network)."""
+    if config.fid_features == "inception":
+        return None
+    if config.fid_features == "teacher":
+        return teacher if teacher is not None else build_teacher_embedding(config)
+    arch, sep, checkpoint = config.fid_features.partition(":")
+    if not sep:
+        raise ValueError(f"fid_features must be 'inception', 'teacher' or 'ARCH:CHECKPOINT', got "
+                         f"{config.fid_features!r}")
+    return classifier_embedding(arch, checkpoint, dataset=config.dataset)
+
+
+def build_fid(config: GANConfig, device: torch.device, teacher: ImageEmbedding | None = None) -> FID:
+    embedding = evaluation_embedding(config, teacher)
+    if embedding is None:
+        return FID("inception", config.inception_weights, device)
+    return FID(embedding.to(device), device=device)
+
+
+def _real_batches(images: torch.Tensor, batch_size: int):
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size]
+
+
+@torch.no_grad()
+def generate(generator: Generator, count: int, batch_size: int, seed: int, device: torch.device):
+    """``count`` uint8 images (in batches) from a fixed noise stream, classes in turn (0, 1, ..., C-1, 0, ...)."""
+    stream = torch.Generator().manual_seed(seed)
+    for start in range(0, count, batch_size):
+        n = min(batch_size, count - start)
+        z = torch.randn(n, generator.z_dim, generator=stream).to(device)
+        labels = (torch.arange(start, start + n) % generator.num_classes).to(device)
+        yield to_uint8(generator(z, labels))
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
+    """The (EMA) generator a finished run saved as ``generator.pt``, in eval mode."""
+    state = torch.load(resolve(path), map_location="cpu", weights_only=False)
+    generator = Generator(state["num_classes"], state["channels"], state["z_dim"])
+    generator.load_state_dict(state["generator"])
+    return generator.to(device).eval()
+
+
+def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dict:
+    """Train the GAN ``config`` describes (resuming from its checkpoint; a finished run is reused).
+
+    ``stop_after_iteration`` ends the call after the checkpoint at that iteration, as if interrupted (tests)."""
+    if config.method not in GAN_METHODS:
+        raise ValueError(f"unknown GAN method {config.method!r}; expected one of {GAN_METHODS}")
+    if config.iterations % config.eval_every:
+        raise ValueError(f"iterations ({config.iterations}) must be a multiple of eval_every ({config.eval_every})")
+    summary = finished_summary(config)
+    if summary is not None:
+        return summary
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+
+    train_data = vdata.load_tensor_data(config.dataset, "train", config.data_root, config.download)
+    train_data = train_data.subset(vdata.stratified_indices(train_data.labels.numpy(), config.fraction, config.seed))
+    test_data = vdata.load_tensor_data(config.dataset, "test", config.data_root, config.download)
+    fid_fraction = min(1.0, config.fid_samples / len(test_data.labels))
+    test_data = test_data.subset(vdata.stratified_indices(test_data.labels.numpy(), fid_fraction, config.seed))
+    real_images, real_labels = train_data.images.to(device), train_data.labels.to(device)
+    num_classes = len(train_data.classes)
+
+    distill = config.method == "vkd"
+    teacher = build_teacher_embedding(config).to(device) if distill else None
+    generator = Generator(num_classes, config.channels, config.z_dim).to(device)
+    discriminator = Discriminator(num_classes, config.channels, config.head_dim if distill else 0).to(device)
+    kd_loss = None
+    if distill and discriminator.embedding_dim > teacher.num_features:
+        raise ValueError(f"the discriminator's embedding ({discriminator.embedding_dim}-d) is wider than the teacher's "
+                         f"({teacher.num_features}-d), which an orthogonal projector cannot map; set head_dim <= "
+                         f"{teacher.num_features} (a linear regression head) or fewer channels")
+    if distill:
+        kd_loss = VkDLoss(discriminator.embedding_dim, teacher.num_features, norm=config.norm,
+                          distance=config.distance).to(device)
+    d_parameters = [*discriminator.parameters(), *(kd_loss.parameters() if distill else [])]
+    betas = tuple(float(beta) for beta in config.betas)  # YAML may give [0, 0.999]; Adam wants floats
+    g_optimizer = torch.optim.Adam(generator.parameters(), config.lr_g, betas=betas)
+    d_optimizer = torch.optim.Adam(d_parameters, config.lr_d, betas=betas)
+    ema = ModelEmaV3(generator, config.ema_decay, use_warmup=True) if config.ema_decay else None
+    fid = build_fid(config, device, teacher)
+    fid.add_real(_real_batches(test_data.images, 500))
+
+    checkpoint_path = run_dir / "checkpoint.pt"
+    rows, iteration, elapsed = [], 0, 0.0
+    if checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        changed = sorted(k for k, v in config.settings().items() if GANConfig.shaping(state["config"])[k] != v)
+        if changed:
+            raise ValueError(f"{checkpoint_path} belongs to a run with other settings ({changed}); "
+                             f"use another name or delete {run_dir}")
+        generator.load_state_dict(state["generator"])
+        discriminator.load_state_dict(state["discriminator"])
+        if distill:
+            kd_loss.load_state_dict(state["kd_loss"])
+        g_optimizer.load_state_dict(state["g_optimizer"])
+        d_optimizer.load_state_dict(state["d_optimizer"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        set_rng_state(state["rng"], device)
+        rows, iteration, elapsed = state["metrics"], state["iteration"], state["elapsed"]
+
+    def real_batch():
+        index = torch.randint(len(real_labels), (config.batch_size,), device=device)
+        return real_images[index].float() / 127.5 - 1, real_labels[index]
+
+    def fake_batch():
+        z = torch.randn(config.batch_size, config.z_dim, device=device)
+        labels = torch.randint(num_classes, (config.batch_size,), device=device)
+        return generator(z, labels), labels
+
+    def discriminator_step() -> dict[str, torch.Tensor]:
+        images, labels = real_batch()
+        with torch.no_grad():
+            fakes, fake_labels = fake_batch()
+        real_aug, fake_aug = diff_augment(images, config.policy), diff_augment(fakes, config.policy)
+        real_logits, real_embedding = discriminator(real_aug, labels)
+        fake_logits, fake_embedding = discriminator(fake_aug, fake_labels)
+        terms = {"d_loss": F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()}
+        if distill:
+            terms["kd_loss"] = config.kd_weight * (kd_loss(real_embedding, teacher(real_aug))
+                                                   + kd_loss(fake_embedding, teacher(fake_aug)))
+        d_optimizer.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        d_optimizer.step()
+        if distill:
+            retract_(kd_loss)
+        terms.update(d_real=real_logits.mean(), d_fake=fake_logits.mean())
+        return terms
+
+    def generator_step() -> torch.Tensor:
+        fakes, labels = fake_batch()
+        logits, _ = discriminator(diff_augment(fakes, config.policy), labels)
+        loss = -logits.mean()
+        g_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        g_optimizer.step()
+        if ema is not None:
+            ema.update(generator, step=iteration)
+        return loss
+
+    evaluated = ema.module if ema is not None else generator
+    bar = tqdm(total=config.iterations, initial=iteration, desc=config.name, disable=not config.progress,
+               mininterval=5)
+    while iteration < config.iterations:
+        start = time.perf_counter()
+        generator.train()
+        discriminator.train()
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(config.eval_every):
+            for _ in range(config.d_steps):
+                for name, value in discriminator_step().items():
+                    sums[name] = sums.get(name, 0) + value.detach() / config.d_steps
+            sums["g_loss"] = sums.get("g_loss", 0) + generator_step().detach()
+            iteration += 1
+            bar.update()
+        means = {name: (value / config.eval_every).item() for name, value in sums.items()}
+        if not all(map(torch.isfinite, map(torch.tensor, means.values()))):
+            kept = f"the checkpoint of iteration {rows[-1]['iteration']} is intact" if rows else "none was written"
+            raise NonFiniteLossError(f"{config.name}, iterations up to {iteration}: non-finite loss {means}; {kept}. "
+                                     f"Lower the learning rates.")
+        evaluated.eval()
+        score = fid(generate(evaluated, len(test_data.labels), 500, config.seed + 1, device))
+        save_image(next(generate(evaluated, 10 * num_classes, 10 * num_classes, config.seed + 2, device)).float() / 255,
+                   run_dir / "samples.png", nrow=num_classes)
+        seconds = time.perf_counter() - start
+        elapsed += seconds
+        rows.append({"iteration": iteration, **means, "fid": score, "seconds": seconds})
+        pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
+        save_atomic({"iteration": iteration, "config": asdict(config), "generator": generator.state_dict(),
+                     "discriminator": discriminator.state_dict(),
+                     "kd_loss": kd_loss.state_dict() if distill else None, "g_optimizer": g_optimizer.state_dict(),
+                     "d_optimizer": d_optimizer.state_dict(), "ema": ema.module.state_dict() if ema else None,
+                     "rng": rng_state(device), "metrics": rows, "elapsed": elapsed}, checkpoint_path)
+        if stop_after_iteration is not None and iteration >= stop_after_iteration and iteration < config.iterations:
+            bar.close()
+            return {"stopped_after_iteration": iteration}
+    bar.close()
+
+    fids = [row["fid"] for row in rows]
+    summary = {
+        "name": config.name, "method": config.method, "norm": config.norm if distill else None,
+        "dataset": config.dataset, "fraction": config.fraction, "iterations": config.iterations, "seed": config.seed,
+        "best_fid": min(fids), "best_iteration": rows[fids.index(min(fids))]["iteration"], "last_fid": fids[-1],
+        "fid_feature_space": fid.feature_space, "fid_samples": len(test_data.labels),
+        "teacher": (teacher.name if teacher is not None else None), "wall_seconds": elapsed,
+        "device": device_description(device), "git_revision": git_revision(), "config": asdict(config),
+    }
+    save_atomic({"generator": evaluated.state_dict(), "num_classes": num_classes, "channels": config.channels,
+                 "z_dim": config.z_dim}, run_dir / "generator.pt")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return json.loads(json.dumps(summary))

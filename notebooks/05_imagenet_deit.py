@@ -100,7 +100,7 @@ elif not resolve(teacher_checkpoint).is_file():
 # ## Training: one torchrun job per method
 
 # %%
-objective = {"kd_weight": kd_weight, "temperature": 1.0}
+objective = {"ce_weight": 1.0, "kd_weight": kd_weight, "temperature": 1.0}  # CE(class head) + γ·KL(T=1), every method
 summaries = {}
 for method in methods:
     options = {**objective, **({"vkd_weight": vkd_weight} if method == "vkd" else {})}

@@ -112,6 +112,20 @@ def test_probes_are_recorded_and_survive_resume(data_root, tmp_path):
     assert [r["step"] for r in records] == [0, 1, 2, 3]  # 6 training images, batch 2
 
 
+def test_deit_recipe_on_an_imagefolder_is_reproducible(data_root, tmp_path):
+    """RandAugment and random erasing draw from Python's / torch's streams, Mixup from NumPy's: all seeded."""
+    folder = data.cifar10_jpeg_dir(data_root)
+    recipe = dict(dataset="imagefolder", data_root=str(folder), student="deit_tiny_distilled_patch16_224",
+                  student_options={"img_size": 32, "patch_size": 8, "depth": 1}, image_size=32,
+                  auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
+                  optimizer="adamw", lr=5e-4, weight_decay=0.05, schedule="cosine", epochs=2)
+    for workers in (0, 1):
+        runs = [pd.read_csv(tmp_path / f"runs/{name}{workers}/metrics.csv").drop(columns="epoch_seconds")
+                for name in ("first", "second")
+                if train(config(data_root, tmp_path, name=f"{name}{workers}", workers=workers, **recipe))]
+        pd.testing.assert_frame_equal(*runs)
+
+
 def test_resume_refuses_other_settings_but_not_cosmetic_ones(data_root, tmp_path):
     train(config(data_root, tmp_path, name="same", epochs=1))
     assert train(config(data_root, tmp_path, name="same", epochs=1, progress=True))["epochs"] == 1

@@ -428,7 +428,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         return summary
     processes, device = join_processes(config.device)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     if not processes.main:  # rank 0 extracts / decodes the data first; the others then read its cache
         processes.barrier()
     train_loader, test_loader, num_classes = _loaders(config, device, processes)
@@ -447,7 +447,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     if processes.world > 1:  # gradients averaged over the processes; rank 0's BatchNorm statistics shared
         model = torch.nn.parallel.DistributedDataParallel(
             distiller, device_ids=[device.index] if device.type == "cuda" else None)
-        torch.manual_seed(config.seed + processes.rank)  # dropout, drop-path, mixup: a stream per process
+        seed_everything(config.seed + processes.rank)  # dropout, drop-path, mixup, augmentation: a stream per process
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
     optimizer = create_optimizer_v2(distiller.trainable_parameters(), opt=config.optimizer, lr=config.lr,
@@ -600,6 +600,14 @@ def finished_summary(config: RunConfig) -> dict | None:
         return None
     summary = json.loads(path.read_text())
     return summary if type(config).shaping(summary["config"]) == config.settings() else None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every random stream a run draws from: torch (CPU and GPUs), NumPy (timm's Mixup) and Python's
+    ``random`` (timm's augmentations when the main process loads the images)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def rng_state(device: torch.device) -> dict:

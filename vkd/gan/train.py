@@ -40,6 +40,7 @@ from ..engine import (
     resolve_device,
     rng_state,
     save_atomic,
+    seed_everything,
     set_rng_state,
 )
 from ..losses import VkDLoss
@@ -155,7 +156,7 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
 
     train_data = vdata.load_tensor_data(config.dataset, "train", config.data_root, config.download)
     train_data = train_data.subset(vdata.stratified_indices(train_data.labels.numpy(), config.fraction, config.seed))

@@ -58,13 +58,13 @@ import seaborn as sns
 import torch
 from PIL import Image
 
-from vkd import data
 from vkd.engine import resolve_device
 from vkd.gan import (
     GANConfig,
     build_teacher_embedding,
     class_spread,
     evaluation_embedding,
+    fid_real_images,
     generate,
     load_generator,
     train_gan,
@@ -105,8 +105,7 @@ print("FID feature space:", feature_space)
 run_device = resolve_device(device)
 first = next(iter(configs.values()))
 embedding = (evaluation_embedding(first) or build_teacher_embedding(first)).to(run_device)
-test = data.load_tensor_data(dataset, "test", download=download)
-test = test.subset(data.stratified_indices(test.labels.numpy(), min(1.0, fid_samples / len(test.labels)), seed))
+test = fid_real_images(first)
 real_spread = class_spread(embedding, test.images.to(run_device), test.labels.to(run_device))
 spread_ratio = {}
 for key, config in configs.items():

@@ -71,6 +71,14 @@ class RunConfig:
         changed = {k: v for k, v in self.settings().items() if v != defaults[k]}
         return hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
 
+    def refuse_other_settings(self, saved: dict, checkpoint: Path) -> None:
+        """Raise if ``saved`` (the config a checkpoint recorded) differs from this one in a shaping setting."""
+        previous = self.shaping(saved)
+        changed = sorted(k for k, v in self.settings().items() if previous[k] != v)
+        if changed:
+            raise ValueError(f"{checkpoint} belongs to a run with other settings ({changed}); "
+                             f"use another name or delete {checkpoint.parent}")
+
     def named(self, prefix: str):
         """This config with name ``<prefix>-<digest>``: changing any setting gives a new run folder, and
         rerunning with the same settings finds (and resumes or reuses) the old one."""
@@ -159,14 +167,22 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> tuple[object, str]:
-    """The contents of a checkpoint file and its sha256 (checked against ``expected_sha256`` when given)."""
+def checked_file(path: str | Path, expected_sha256: str | None = None,
+                 missing_hint: str = "train the teacher first (notebook 01) or give its path") -> tuple[Path, str]:
+    """``path`` resolved, and its sha256 (checked against ``expected_sha256`` when given); a missing file is
+    refused with ``missing_hint``."""
     path = resolve(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train the teacher first (notebook 01) or give its path")
+        raise FileNotFoundError(f"no checkpoint at {path}: {missing_hint}")
     digest = sha256(path)
     if expected_sha256 and digest != expected_sha256:
         raise ValueError(f"checksum mismatch for {path}: expected sha256 {expected_sha256}, got {digest}")
+    return path, digest
+
+
+def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> tuple[object, str]:
+    """The contents of a checkpoint file and its sha256 (checked against ``expected_sha256`` when given)."""
+    path, digest = checked_file(path, expected_sha256)
     return torch.load(path, map_location="cpu", weights_only=False), digest
 
 
@@ -483,11 +499,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
 
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        previous = TrainConfig.shaping(state["config"])
-        changed = sorted(k for k, v in config.settings().items() if previous[k] != v)
-        if changed:
-            raise ValueError(f"{checkpoint_path} belongs to a run with other settings ({changed}); "
-                             f"use another name or delete {run_dir}")
+        config.refuse_other_settings(state["config"], checkpoint_path)
         if state.get("world_size", 1) != processes.world:
             raise ValueError(f"{checkpoint_path} was written by {state.get('world_size', 1)} process(es); resume it "
                              f"with as many (now {processes.world}) or delete {run_dir}")

@@ -16,6 +16,7 @@ from .train import (
     GANConfig,
     build_teacher_embedding,
     evaluation_embedding,
+    fid_real_images,
     generate,
     load_generator,
     train_gan,

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import data as vdata
-from ..engine import load_weights
-from ..engine import sha256 as file_sha256
+from ..engine import checked_file, load_weights
 from ..paths import resolve
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -68,12 +67,8 @@ def clip_embedding(weights: str, model_name: str = "ViT-B-32", sha256: str | Non
         import open_clip
     except ImportError:
         raise ImportError("the CLIP teacher needs open_clip: pip install open_clip_torch") from None
-    path = resolve(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"no CLIP weights at {path}: download open_clip's {model_name} weights "
-                                f"(e.g. the 'openai' ones) on a machine that is online and give their path")
-    if sha256 and file_sha256(path) != sha256:
-        raise ValueError(f"checksum mismatch for {path}: expected sha256 {sha256}, got {file_sha256(path)}")
+    path, _ = checked_file(weights, sha256, f"download open_clip's {model_name} weights (CLIP; e.g. the 'openai' "
+                                            f"ones) on a machine that is online and give their path")
     model = open_clip.create_model(model_name, pretrained=str(path))
     visual = model.visual
     return ImageEmbedding(visual, visual.output_dim, CLIP_MEAN, CLIP_STD, size=visual.image_size[0],

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ..paths import resolve
@@ -28,17 +27,6 @@ from .features import ImageEmbedding
 
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                          "weights-inception-2015-12-05-6726825d.pth")
-
-
-class _Uint8Embedding(nn.Module):
-    """torchmetrics hands custom extractors its uint8 images unchanged; this passes them on."""
-
-    def __init__(self, embedding: ImageEmbedding):
-        super().__init__()
-        self.embedding, self.num_features = embedding, embedding.num_features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.embedding(images)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -54,7 +42,8 @@ class FID:
     def __init__(self, features: str | ImageEmbedding = "inception", inception_weights: str = "",
                  device: str | torch.device = "cpu"):
         if isinstance(features, ImageEmbedding):
-            metric = FrechetInceptionDistance(feature=_Uint8Embedding(features), reset_real_features=False)
+            # torchmetrics hands a custom extractor its uint8 images as they are; ImageEmbedding takes uint8
+            metric = FrechetInceptionDistance(feature=features, reset_real_features=False)
             self.feature_space = f"{features.name} ({features.num_features}-d), not comparable to Inception FID"
         elif features == "inception":
             if inception_weights and not resolve(inception_weights).is_file():

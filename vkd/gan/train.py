@@ -19,6 +19,7 @@ Method ``"da"`` is the DiffAugment baseline.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -118,9 +119,12 @@ def build_fid(config: GANConfig, device: torch.device, teacher: ImageEmbedding |
     return FID(embedding.to(device), device=device)
 
 
-def _real_batches(images: torch.Tensor, batch_size: int):
-    for start in range(0, len(images), batch_size):
-        yield images[start:start + batch_size]
+def fid_real_images(config: GANConfig) -> vdata.TensorData:
+    """The test images FID (and the within-class spread) compare against: a class-stratified subset of
+    ``fid_samples`` of them (all when there are fewer)."""
+    test = vdata.load_tensor_data(config.dataset, "test", config.data_root, config.download)
+    fraction = min(1.0, config.fid_samples / len(test.labels))
+    return test.subset(vdata.stratified_indices(test.labels.numpy(), fraction, config.seed))
 
 
 @torch.no_grad()
@@ -160,9 +164,7 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
 
     train_data = vdata.load_tensor_data(config.dataset, "train", config.data_root, config.download)
     train_data = train_data.subset(vdata.stratified_indices(train_data.labels.numpy(), config.fraction, config.seed))
-    test_data = vdata.load_tensor_data(config.dataset, "test", config.data_root, config.download)
-    fid_fraction = min(1.0, config.fid_samples / len(test_data.labels))
-    test_data = test_data.subset(vdata.stratified_indices(test_data.labels.numpy(), fid_fraction, config.seed))
+    test_data = fid_real_images(config)
     real_images, real_labels = train_data.images.to(device), train_data.labels.to(device)
     num_classes = len(train_data.classes)
 
@@ -171,11 +173,11 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     generator = Generator(num_classes, config.channels, config.z_dim).to(device)
     discriminator = Discriminator(num_classes, config.channels, config.head_dim if distill else 0).to(device)
     kd_loss = None
-    if distill and discriminator.embedding_dim > teacher.num_features:
-        raise ValueError(f"the discriminator's embedding ({discriminator.embedding_dim}-d) is wider than the teacher's "
-                         f"({teacher.num_features}-d), which an orthogonal projector cannot map; set head_dim <= "
-                         f"{teacher.num_features} (a linear regression head) or fewer channels")
     if distill:
+        if discriminator.embedding_dim > teacher.num_features:
+            raise ValueError(f"the discriminator's embedding ({discriminator.embedding_dim}-d) is wider than the "
+                             f"teacher's ({teacher.num_features}-d), which an orthogonal projector cannot map; set "
+                             f"head_dim <= {teacher.num_features} (a linear regression head) or fewer channels")
         kd_loss = VkDLoss(discriminator.embedding_dim, teacher.num_features, norm=config.norm,
                           distance=config.distance).to(device)
     d_parameters = [*discriminator.parameters(), *(kd_loss.parameters() if distill else [])]
@@ -184,16 +186,13 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     d_optimizer = torch.optim.Adam(d_parameters, config.lr_d, betas=betas)
     ema = ModelEmaV3(generator, config.ema_decay, use_warmup=True) if config.ema_decay else None
     fid = build_fid(config, device, teacher)
-    fid.add_real(_real_batches(test_data.images, 500))
+    fid.add_real(test_data.images.split(500))
 
     checkpoint_path = run_dir / "checkpoint.pt"
     rows, iteration, elapsed = [], 0, 0.0
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        changed = sorted(k for k, v in config.settings().items() if GANConfig.shaping(state["config"])[k] != v)
-        if changed:
-            raise ValueError(f"{checkpoint_path} belongs to a run with other settings ({changed}); "
-                             f"use another name or delete {run_dir}")
+        config.refuse_other_settings(state["config"], checkpoint_path)
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
         if distill:
@@ -260,7 +259,7 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
             iteration += 1
             bar.update()
         means = {name: (value / config.eval_every).item() for name, value in sums.items()}
-        if not all(map(torch.isfinite, map(torch.tensor, means.values()))):
+        if not all(map(math.isfinite, means.values())):
             kept = f"the checkpoint of iteration {rows[-1]['iteration']} is intact" if rows else "none was written"
             raise NonFiniteLossError(f"{config.name}, iterations up to {iteration}: non-finite loss {means}; {kept}. "
                                      f"Lower the learning rates.")

@@ -21,10 +21,11 @@
 # -- FID on CIFAR-10 10 %: DA 23.34, VkD-LayerNorm 16.47, VkD-whitening 13.16 (lower is better).**
 #
 # The paper's teacher is CLIP ViT-B/32 and its FID uses Inception-v3 on 10k samples against the test
-# set. Offline (no CLIP or Inception weights here) the teacher is the committed CIFAR-10 resnet32x4
-# (`data/teachers/`) and the FID is computed in the feature space named by `fid_features` -- stated in
-# the table, and **not comparable to the paper's numbers** (another scale); only the ordering of the
-# methods is. Training: `vkd.gan.train_gan` (hinge loss, Adam, EMA generator, checkpoints, resume).
+# set. Offline (no CLIP or Inception weights here) the teacher is a committed CIFAR-10 classifier
+# (`data/teachers/`: resnet32x4 in the full profile, the CPU-trained resnet20 in the quick one) and the FID
+# is computed in the feature space named by `fid_features` -- stated in the table, and **not comparable to
+# the paper's numbers** (another scale); only the ordering of the methods is. Training:
+# `vkd.gan.train_gan` (hinge loss, Adam, EMA generator, checkpoints, resume).
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # smoke / quick / full: which profile filled these values

@@ -1,4 +1,5 @@
 import json
+import subprocess
 from dataclasses import replace
 
 import pandas as pd
@@ -8,7 +9,7 @@ import torch
 
 from vkd import data
 from vkd.cli import main
-from vkd.engine import NonFiniteLossError, TrainConfig, export_weights, load_weights, train, train_many
+from vkd.engine import NonFiniteLossError, TrainConfig, export_weights, git_revision, load_weights, train, train_many
 
 
 @pytest.fixture
@@ -192,3 +193,24 @@ def test_eval_command_reproduces_the_runs_test_accuracy(data_root, tmp_path, cap
     assert result["test_acc"] == summary["last_acc"] and result["test_top5"] == 100.0
     assert main(["eval", str(tmp_path / "nothing.pt"), "--dataset", "cifar10-jpeg"]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_git_revision_is_dirty_for_code_changes_not_for_regenerated_figures(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "vkd").mkdir()
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "vkd" / "code.py").write_text("x = 1\n")
+    (tmp_path / "figures" / "table.csv").write_text("a\n1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    monkeypatch.setattr("vkd.engine.project_root", lambda: tmp_path)
+    clean = git_revision()
+    assert len(clean) >= 7 and not clean.endswith("+dirty")
+    (tmp_path / "figures" / "table.csv").write_text("a\n2\n")  # a notebook rerun rewrote a figure
+    assert git_revision() == clean
+    (tmp_path / "vkd" / "code.py").write_text("x = 2\n")  # the code changed
+    assert git_revision() == clean + "+dirty"

@@ -147,13 +147,19 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+REGENERATED_OUTPUTS = ("figures", "notebooks/executed")  # tracked, but rewritten by every notebook run
+
+
 def git_revision() -> str:
+    """The project's commit, with "+dirty" when a tracked file other than the regenerated outputs differs
+    from it (so a rerun of the notebooks on a clean checkout still records a clean revision)."""
     try:
         root = project_root()
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        excluded = [f":(exclude){path}" for path in REGENERATED_OUTPUTS]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -168,12 +174,13 @@ def sha256(path: str | Path) -> str:
 
 
 def checked_file(path: str | Path, expected_sha256: str | None = None,
-                 missing_hint: str = "train the teacher first (notebook 01) or give its path") -> tuple[Path, str]:
+                 missing_hint: str = "train the teacher first (notebook 01) or give its path",
+                 what: str = "checkpoint") -> tuple[Path, str]:
     """``path`` resolved, and its sha256 (checked against ``expected_sha256`` when given); a missing file is
-    refused with ``missing_hint``."""
+    refused as "no ``what`` at ``path``: ``missing_hint``"."""
     path = resolve(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: {missing_hint}")
+        raise FileNotFoundError(f"no {what} at {path}: {missing_hint}")
     digest = sha256(path)
     if expected_sha256 and digest != expected_sha256:
         raise ValueError(f"checksum mismatch for {path}: expected sha256 {expected_sha256}, got {digest}")

@@ -67,8 +67,8 @@ def clip_embedding(weights: str, model_name: str = "ViT-B-32", sha256: str | Non
         import open_clip
     except ImportError:
         raise ImportError("the CLIP teacher needs open_clip: pip install open_clip_torch") from None
-    path, _ = checked_file(weights, sha256, f"download open_clip's {model_name} weights (CLIP; e.g. the 'openai' "
-                                            f"ones) on a machine that is online and give their path")
+    path, _ = checked_file(weights, sha256, f"download open_clip's {model_name} weights (e.g. the 'openai' ones) on "
+                                            f"a machine that is online and give their path", what="CLIP weights")
     model = open_clip.create_model(model_name, pretrained=str(path))
     visual = model.visual
     return ImageEmbedding(visual, visual.output_dim, CLIP_MEAN, CLIP_STD, size=visual.image_size[0],

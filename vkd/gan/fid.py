@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ..paths import resolve
+from ..engine import checked_file
 from .features import ImageEmbedding
 
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -46,13 +46,14 @@ class FID:
             metric = FrechetInceptionDistance(feature=features, reset_real_features=False)
             self.feature_space = f"{features.name} ({features.num_features}-d), not comparable to Inception FID"
         elif features == "inception":
-            if inception_weights and not resolve(inception_weights).is_file():
-                raise FileNotFoundError(f"no Inception weights at {resolve(inception_weights)}: download "
-                                        f"{INCEPTION_WEIGHTS_URL} and give its path")
+            weights = None
+            if inception_weights:
+                weights, _ = checked_file(inception_weights, what="Inception weights",
+                                          missing_hint=f"download {INCEPTION_WEIGHTS_URL} and give its path")
             try:
                 metric = FrechetInceptionDistance(
                     feature=2048, reset_real_features=False, antialias=False,
-                    feature_extractor_weights_path=str(resolve(inception_weights)) if inception_weights else None)
+                    feature_extractor_weights_path=str(weights) if weights else None)
             except Exception as error:  # offline without a weights file: the download fails
                 raise RuntimeError(f"could not load the Inception weights ({type(error).__name__}: {error}); "
                                    f"download {INCEPTION_WEIGHTS_URL} and pass it as inception_weights") from None

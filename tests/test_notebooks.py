@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from vkd import data
+from vkd.engine import TrainConfig
 from vkd.notebooks import NotebookError, inspect_parameters, list_notebooks, run_as_script, run_notebook
 from vkd.paths import project_root
 
@@ -35,6 +37,9 @@ def test_notebook_runs_in_smoke_profile(notebook, tmp_path):
     assert executed.is_file()
     assert any((tmp_path / "figures_dir").glob("*.png")), "the notebook wrote no figure"
     assert any((tmp_path / "figures_dir").glob("*.csv")), "the notebook wrote no table"
+    stderr = ["".join(output["text"])[:300] for cell in nbformat.read(executed, as_version=4).cells
+              for output in cell.get("outputs", []) if output.get("name") == "stderr"]
+    assert not stderr, f"the executed copy holds warnings or progress bars: {stderr}"
 
 
 def test_unknown_parameter_is_refused_with_the_declared_names(tmp_path):
@@ -48,7 +53,7 @@ def test_unknown_parameter_is_refused_with_the_declared_names(tmp_path):
     assert not list(tmp_path.glob("*.ipynb"))  # refused before running
 
 
-def test_failing_cell_is_reported(tmp_path):
+def test_failing_cell_is_reported(tmp_path, capfd):
     notebook = tmp_path / "99_broken.py"
     notebook.write_text(
         '# %% tags=["parameters"]\nprofile = "smoke"\nfigures_dir = "x"\n\n'
@@ -57,6 +62,22 @@ def test_failing_cell_is_reported(tmp_path):
     with pytest.raises(NotebookError, match=r"99_broken.py \(smoke\) failed in cell \d+ .*KeyError.*missing-thing"):
         run_notebook(notebook, "smoke", output_dir=tmp_path)
     assert (tmp_path / "99_broken.smoke.ipynb").is_file()
+    assert "without encryption" not in capfd.readouterr().err  # the kernel's channels are encrypted
+
+
+def test_batch_runs_keep_progress_bars_out_of_the_executed_copy(tmp_path, monkeypatch):
+    monkeypatch.delenv("VKD_PROGRESS", raising=False)
+    notebook = tmp_path / "98_progress.py"
+    notebook.write_text(
+        '# %% tags=["parameters"]\nprofile = "smoke"\nfigures_dir = "x"\n\n'
+        "# %%\nfrom tqdm.auto import tqdm\nfrom vkd.engine import TrainConfig\n"
+        "for _ in tqdm(range(3), disable=not TrainConfig().progress):\n    pass\nprint(TrainConfig().progress)\n"
+    )
+    executed = nbformat.read(run_notebook(notebook, "smoke", output_dir=tmp_path), as_version=4)
+    assert [output for cell in executed.cells for output in cell.get("outputs", [])] == [
+        {"name": "stdout", "output_type": "stream", "text": "False\n"}]
+    assert "VKD_PROGRESS" not in os.environ  # restored for this process
+    assert TrainConfig().progress
 
 
 def test_unknown_notebook_and_profile():

@@ -186,8 +186,10 @@ class TensorData:
         return TensorData(self.images[index], self.labels[index], self.classes)
 
 
-def load_tensor_data(name: str, split: str, root: str | Path = "data", download: bool = False) -> TensorData:
-    """Decode dataset ``name`` once into uint8 tensors, cached as ``root/<name>-<split>.pt``."""
+def load_tensor_data(name: str, split: str, root: str | Path = "data", download: bool = False,
+                     progress: bool = True) -> TensorData:
+    """Decode dataset ``name`` once into uint8 tensors, cached as ``root/<name>-<split>.pt`` (``progress``: a
+    tqdm bar while decoding)."""
     root = resolve(root)
     cache = root / f"{name}-{split}.pt"
     if cache.is_file():
@@ -195,7 +197,7 @@ def load_tensor_data(name: str, split: str, root: str | Path = "data", download:
     dataset = image_dataset(name, split, root, download)
     if isinstance(dataset, datasets.ImageFolder):
         images = np.stack([np.asarray(dataset.loader(path).convert("RGB")) for path, _ in
-                           tqdm(dataset.samples, desc=f"decoding {name} {split}", mininterval=5)])
+                           tqdm(dataset.samples, desc=f"decoding {name} {split}", mininterval=5, disable=not progress)])
         labels = np.asarray(dataset.targets)
     else:
         images, labels = np.asarray(dataset.data), np.asarray(dataset.targets)

@@ -36,7 +36,14 @@ from tqdm.auto import tqdm
 
 from . import data as vdata
 from .distillers import Distiller, MethodConfig
+from .notebooks import PROGRESS_ENV
 from .paths import project_root, resolve
+
+
+def progress_default() -> bool:
+    """Whether runs show tqdm bars by default: yes, unless ``$VKD_PROGRESS`` is "0" (as in the notebooks'
+    papermill runs, whose executed copies would otherwise keep every bar update as text)."""
+    return os.environ.get(PROGRESS_ENV, "1") != "0"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -131,7 +138,7 @@ class TrainConfig(RunConfig):
     clip_grad: float = 0.0  # largest gradient norm (0: no clipping)
     ema_decay: float = 0.0  # >0: also keep and evaluate an exponential moving average of the student
     compile: bool = False  # torch.compile the training forward pass (student, teacher, losses): long GPU runs
-    progress: bool = True  # tqdm bars
+    progress: bool = field(default_factory=progress_default)  # tqdm bars
 
 
 def resolve_device(name: str) -> torch.device:
@@ -320,7 +327,8 @@ def _split_loader(config: TrainConfig, device: torch.device, processes: Processe
             data = vdata.folder_subset(data, vdata.stratified_indices(data.targets, fraction, config.seed))
         loader = vdata.FolderLoader(data, config.batch_size, train, device, config.workers, config.seed, **shard)
     else:
-        data = vdata.load_tensor_data(config.dataset, "train" if train else "test", config.data_root, config.download)
+        data = vdata.load_tensor_data(config.dataset, "train" if train else "test", config.data_root, config.download,
+                                      config.progress)
         if fraction < 1:
             data = data.subset(vdata.stratified_indices(data.labels, fraction, config.seed))
         mean, std = vdata.stats(config.dataset)

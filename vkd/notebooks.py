@@ -20,6 +20,8 @@ import yaml
 
 from .paths import project_root
 
+PROGRESS_ENV = "VKD_PROGRESS"  # read by vkd.engine.progress_default
+
 PROFILES = ("smoke", "quick", "full")
 
 
@@ -86,6 +88,17 @@ def _parameter_values(path: Path, profile: str, parameters: dict[str, Any] | Non
     return values
 
 
+def _kernel_options() -> dict[str, Any]:
+    """Ask jupyter_client (8.9 or newer) to encrypt the kernel's channels where the kernel supports it;
+    without this, ipykernel 7.3+ prints "Kernel is running over TCP without encryption" on every run."""
+    from jupyter_client.manager import KernelManager
+    from traitlets.config import Config
+
+    if "transport_encryption" not in KernelManager.class_trait_names():
+        return {}
+    return {"config": Config({"KernelManager": {"transport_encryption": "auto"}})}
+
+
 def run_notebook(
     name: str | Path,
     profile: str = "smoke",
@@ -116,16 +129,23 @@ def run_notebook(
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / f"{path.stem}.{profile}.ipynb"
     start = time.perf_counter()
+    previous = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "0"  # the kernel inherits it: no tqdm bars frozen, as text, into the executed copy
     try:
         papermill.execute_notebook(
             notebook, str(output), parameters=values, cwd=str(project_root()), kernel_name="python3",
-            progress_bar=False, log_output=log_output,
+            progress_bar=False, log_output=log_output, **_kernel_options(),
         )
     except papermill.PapermillExecutionError as error:
         raise NotebookError(
             f"{path.name} ({profile}) failed in cell {error.cell_index} (execution count {error.exec_count}): "
             f"{error.ename}: {error.evalue}\n  executed copy with the traceback: {output}"
         ) from None
+    finally:
+        if previous is None:
+            os.environ.pop(PROGRESS_ENV)
+        else:
+            os.environ[PROGRESS_ENV] = previous
     print(f"{path.name} ({profile}) ran in {time.perf_counter() - start:.0f} s -> {output}")
     return output
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +38,7 @@ from ..engine import (
     device_description,
     finished_summary,
     git_revision,
+    progress_default,
     resolve_device,
     rng_state,
     save_atomic,
@@ -89,7 +90,7 @@ class GANConfig(RunConfig):
     inception_weights: str = ""  # local Inception file (empty: torch-fidelity downloads it; online)
     seed: int = 0
     device: str = "auto"
-    progress: bool = True
+    progress: bool = field(default_factory=progress_default)  # tqdm bars
 
 
 def build_teacher_embedding(config: GANConfig) -> ImageEmbedding:
@@ -122,7 +123,7 @@ def build_fid(config: GANConfig, device: torch.device, teacher: ImageEmbedding |
 def fid_real_images(config: GANConfig) -> vdata.TensorData:
     """The test images FID (and the within-class spread) compare against: a class-stratified subset of
     ``fid_samples`` of them (all when there are fewer)."""
-    test = vdata.load_tensor_data(config.dataset, "test", config.data_root, config.download)
+    test = vdata.load_tensor_data(config.dataset, "test", config.data_root, config.download, config.progress)
     fraction = min(1.0, config.fid_samples / len(test.labels))
     return test.subset(vdata.stratified_indices(test.labels.numpy(), fraction, config.seed))
 
@@ -162,7 +163,7 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     device = resolve_device(config.device)
     seed_everything(config.seed)
 
-    train_data = vdata.load_tensor_data(config.dataset, "train", config.data_root, config.download)
+    train_data = vdata.load_tensor_data(config.dataset, "train", config.data_root, config.download, config.progress)
     train_data = train_data.subset(vdata.stratified_indices(train_data.labels.numpy(), config.fraction, config.seed))
     test_data = fid_real_images(config)
     real_images, real_labels = train_data.images.to(device), train_data.labels.to(device)

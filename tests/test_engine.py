@@ -214,3 +214,16 @@ def test_git_revision_is_dirty_for_code_changes_not_for_regenerated_figures(tmp_
     assert git_revision() == clean
     (tmp_path / "vkd" / "code.py").write_text("x = 2\n")  # the code changed
     assert git_revision() == clean + "+dirty"
+
+
+def test_summary_records_the_revision_the_run_started_with(data_root, tmp_path, monkeypatch):
+    revisions = iter(["abc1234", "def5678+dirty"])  # the checkout changes while the run trains
+    current = {"revision": next(revisions)}
+    monkeypatch.setattr("vkd.engine.git_revision", lambda: current["revision"])
+
+    def edit_the_checkout(distiller):
+        current["revision"] = next(revisions, current["revision"])
+        return {}
+
+    summary = train(config(data_root, tmp_path, name="revision", epochs=1), probe=edit_the_checkout)
+    assert summary["git_revision"] == "abc1234"

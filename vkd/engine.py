@@ -457,6 +457,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     summary = finished_summary(config)
     if summary is not None:
         return summary
+    revision = git_revision()  # the code that runs, whatever the checkout becomes meanwhile
     processes, device = join_processes(config.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
@@ -606,7 +607,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         "dataset": config.dataset, "fraction": config.fraction, "epochs": config.epochs, "seed": config.seed,
         "best_acc": max(accuracies), "best_epoch": accuracies.index(max(accuracies)) + 1,
         "last_acc": accuracies[-1], "last_top5": rows[-1]["test_top5"], "wall_seconds": elapsed,
-        "device": device_description(device), "processes": processes.world, "git_revision": git_revision(),
+        "device": device_description(device), "processes": processes.world, "git_revision": revision,
         "teacher_sha256": teacher_digest, "teacher_cached": cache is not None, "config": asdict(config),
     }
     if ema is not None:

@@ -160,6 +160,7 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
         return summary
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
+    revision = git_revision()  # the code that runs, whatever the checkout becomes meanwhile
     device = resolve_device(config.device)
     seed_everything(config.seed)
 
@@ -289,7 +290,7 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
         "best_fid": min(fids), "best_iteration": rows[fids.index(min(fids))]["iteration"], "last_fid": fids[-1],
         "fid_feature_space": fid.feature_space, "fid_samples": len(test_data.labels),
         "teacher": (teacher.name if teacher is not None else None), "wall_seconds": elapsed,
-        "device": device_description(device), "git_revision": git_revision(), "config": asdict(config),
+        "device": device_description(device), "git_revision": revision, "config": asdict(config),
     }
     save_atomic({"generator": evaluated.state_dict(), "num_classes": num_classes, "channels": config.channels,
                  "z_dim": config.z_dim}, run_dir / "generator.pt")

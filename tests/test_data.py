@@ -1,8 +1,11 @@
+import multiprocessing
+
 import numpy as np
 import pytest
 import torch
 
 from vkd import data
+from vkd.paths import save_atomic
 
 
 def test_archive_is_extracted_once_and_decoded_to_tensors(tmp_path, monkeypatch, tiny_archive):
@@ -88,3 +91,22 @@ def test_deit_randaugment_survives_its_strongest_posterize():
         transform(image)
     black = data._posterize(image, 0)
     assert black.size == image.size and np.asarray(black).max() == 0
+
+
+def _write_repeatedly(path, times):
+    for i in range(times):
+        save_atomic({"values": torch.arange(10_000) + i}, path)
+
+
+def test_processes_writing_one_cache_at_once_leave_a_whole_file(tmp_path):
+    path = tmp_path / "cache.pt"  # e.g. two training processes decoding the same dataset
+    workers = [multiprocessing.get_context("fork").Process(target=_write_repeatedly, args=(path, 30))
+               for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert [worker.exitcode for worker in workers] == [0] * 4
+    values = torch.load(path)["values"]
+    assert torch.equal(values - values[0], torch.arange(10_000))
+    assert [f.name for f in tmp_path.iterdir()] == ["cache.pt"]  # no temporary file left behind

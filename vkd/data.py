@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torchvision import datasets
 from tqdm.auto import tqdm
 
-from .paths import resolve
+from .paths import resolve, save_atomic
 
 ARCHIVE_ENV = "VKD_CIFAR10_ARCHIVE"
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
@@ -204,9 +204,7 @@ def load_tensor_data(name: str, split: str, root: str | Path = "data", download:
     data = TensorData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
                       torch.from_numpy(labels).long(), list(dataset.classes))
     root.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_suffix(".tmp")
-    torch.save(vars(data), partial)
-    partial.replace(cache)
+    save_atomic(vars(data), cache)  # processes decoding at once each write a whole file; the last one stays
     return data
 
 

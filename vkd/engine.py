@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from . import data as vdata
 from .distillers import Distiller, MethodConfig
 from .notebooks import PROGRESS_ENV
-from .paths import project_root, resolve
+from .paths import project_root, resolve, save_atomic
 
 
 def progress_default() -> bool:
@@ -432,13 +432,6 @@ def _scheduler(config: TrainConfig, optimizer):
         return CosineLRScheduler(optimizer, t_initial=config.epochs, lr_min=config.lr * 1e-2,
                                  warmup_t=config.warmup_epochs, warmup_lr_init=config.lr * 0.01)
     raise ValueError(f"unknown schedule {config.schedule!r}; expected 'multistep' or 'cosine'")
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: ``path`` always holds a whole file (old or new)."""
-    partial = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, partial)
-    os.replace(partial, path)
 
 
 Probe = Callable[[Distiller], dict]

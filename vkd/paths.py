@@ -1,8 +1,12 @@
-"""Where the project's folders are, wherever a notebook or command is started from."""
+"""Where the project's folders are, wherever a notebook or command is started from, and writing files
+into them safely."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -28,3 +32,11 @@ def output_dir(path: str | Path) -> Path:
     folder = resolve(path)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file of this process, then rename: ``path`` always holds a whole file
+    (old or new), also when several processes write it at once."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, partial)
+    os.replace(partial, path)

@@ -41,12 +41,11 @@ from ..engine import (
     progress_default,
     resolve_device,
     rng_state,
-    save_atomic,
     seed_everything,
     set_rng_state,
 )
 from ..losses import VkDLoss
-from ..paths import resolve
+from ..paths import resolve, save_atomic
 from ..projectors import retract_
 from .augment import DIFFAUGMENT_POLICY, diff_augment
 from .features import ImageEmbedding, classifier_embedding, clip_embedding

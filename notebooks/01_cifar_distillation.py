@@ -48,6 +48,7 @@ teacher_cache_views: int = 0  # >0: cache teacher outputs for that many augmenta
 seed: int = 0
 device: str = "auto"  # auto | cpu | cuda
 parallel: int = 1  # students trained at once, as separate processes (several share one GPU well)
+compile: bool | str = False  # torch.compile the training forward: true, or a mode ("reduce-overhead": CUDA graphs)
 
 # %%
 import json
@@ -64,7 +65,7 @@ figures = output_dir(figures_dir)
 tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
 common = dict(out_dir=f"{runs_dir}/{tag}", dataset=dataset, download=download, fraction=fraction,
               test_fraction=test_fraction, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-              device=device)
+              device=device, compile=compile)
 
 # %% [markdown]
 # ## Teacher

@@ -115,15 +115,16 @@ def _synthetic_batch(device: str, batch: int, image_size: int, num_classes: int,
 
 def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str = "vkd", batch: int = 64,
                 steps: int = 20, num_classes: int = 10, image_size: int = 32, device: str = "cpu",
-                method_options: dict | None = None, seed: int = 0) -> pd.DataFrame:
+                method_options: dict | None = None, compile: bool | str = False, seed: int = 0) -> pd.DataFrame:
     """Training-step throughput (images/s) of the student alone, and with ``method`` distilling from
     ``teacher`` with teacher outputs from the cache (steady state) and computed on the fly.
 
-    On a GPU the steps run as the engine runs them: bf16 autocast, channels_last, synchronised per step."""
+    On a GPU the steps run as the engine runs them: bf16 autocast, channels_last, synchronised per step;
+    ``compile`` as the engine's setting (True or a torch.compile mode; compiled during the warm-up steps)."""
     import timm
 
     from .distillers import Distiller, MethodConfig
-    from .engine import train_step
+    from .engine import compile_options, train_step
 
     device, memory_format, images, labels, autocast = _synthetic_batch(device, batch, image_size, num_classes, seed)
     gpu = device.type == "cuda"
@@ -133,7 +134,10 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
         config = MethodConfig.for_method(name, **(method_options or {} if name != "ce" else {}))
         model = Distiller(timm.create_model(student, num_classes=num_classes), frozen if with_teacher else None,
                           config)
-        return model.to(device, memory_format=memory_format)
+        model = model.to(device, memory_format=memory_format)
+        if compile:
+            model.compile(**compile_options(compile))
+        return model
 
     setups = {
         "student alone (ce)": distiller("ce", False),
@@ -149,7 +153,7 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
         outputs = cached if "cached" in name else None
         steps_by_name[name] = synchronized(
             lambda d=model, o=optimizer, t=outputs: train_step(d, o, images, labels, 0, t, autocast), device)
-    seconds = time_interleaved(steps_by_name, reps=steps, warmup=3 if gpu else 0)
+    seconds = time_interleaved(steps_by_name, reps=steps, warmup=3 if gpu or compile else 0)
     base = seconds["student alone (ce)"]
     return pd.DataFrame([{"setup": name, "ms_per_step": s * 1e3, "images_per_s": batch / s,
                           "time_vs_student_alone": s / base} for name, s in seconds.items()])

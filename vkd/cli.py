@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     training.add_argument("--batch", type=int, default=64)
     training.add_argument("--steps", type=int, default=20)
     training.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    training.add_argument("--compile", default="false", help="torch.compile the steps' forward: false | true | a mode "
+                                                            "(reduce-overhead: CUDA graphs)")
     training.add_argument("--option", nargs=2, action="append", metavar=("NAME", "VALUE"),
                           help="a method option (vkd.distillers.MethodConfig field; VALUE read as YAML)")
 
@@ -152,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from .bench import bench_train
 
+        compiled = yaml.safe_load(args.compile)
         table = bench_train(args.student, args.teacher, args.method, args.batch, args.steps, device=args.device,
-                            method_options=_parse_overrides(args.option))
+                            method_options=_parse_overrides(args.option), compile=compiled)
         print(f"training steps of {args.student} (teacher {args.teacher}), batch {args.batch}, 32 px, "
-              f"{_where(args.device)}")
+              f"compile {compiled}, {_where(args.device)}")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.what == "deit":
         from .bench import bench_deit

@@ -142,7 +142,7 @@ class Distiller(nn.Module):
         """Keep orthogonal projectors well conditioned (outputs unchanged; see ``retract_``)."""
         retract_(self.losses)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, epoch: int = 0,
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, epoch: int | torch.Tensor = 0,
                 teacher_outputs: tuple[torch.Tensor, torch.Tensor] | None = None):
         c = self.config
         features = self.student.forward_features(images)
@@ -161,7 +161,8 @@ class Distiller(nn.Module):
         if "kd" in self.losses:
             terms["kd"] = c.kd_weight * self.losses["kd"](distill_logits, t_logits)
         if "dkd" in self.losses:
-            warmup = min(1.0, (epoch + 1) / c.dkd_warmup_epochs) if c.dkd_warmup_epochs else 1.0
+            # epoch (0-based) may be a tensor, so that a compiled forward serves every epoch with one graph
+            warmup = ((torch.as_tensor(epoch) + 1) / c.dkd_warmup_epochs).clamp(max=1.0) if c.dkd_warmup_epochs else 1.0
             terms["dkd"] = c.dkd_weight * warmup * self.losses["dkd"](distill_logits, t_logits, labels)
         for name in ("fitnet", "srd", "vkd"):
             if name in self.losses:

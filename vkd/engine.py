@@ -137,8 +137,21 @@ class TrainConfig(RunConfig):
     drop_path: float = 0.0  # the student's stochastic-depth rate (timm drop_path_rate)
     clip_grad: float = 0.0  # largest gradient norm (0: no clipping)
     ema_decay: float = 0.0  # >0: also keep and evaluate an exponential moving average of the student
-    compile: bool = False  # torch.compile the training forward pass (student, teacher, losses): long GPU runs
+    compile: bool | str = False  # torch.compile the training forward (student, teacher, losses): True, or a mode
+    # of torch.compile ("reduce-overhead": CUDA graphs, for small models whose steps are launch-bound on a GPU)
     progress: bool = field(default_factory=progress_default)  # tqdm bars
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_options(setting: bool | str) -> dict:
+    """torch.compile's keyword arguments for a ``compile`` setting: True (the default mode) or a mode name."""
+    if setting is True:
+        return {}
+    if setting in COMPILE_MODES:
+        return {"mode": setting}
+    raise ValueError(f"compile: expected true, false or one of {COMPILE_MODES}, got {setting!r}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -397,10 +410,10 @@ class TeacherCache:
                                       device=self.device)
         self.features[view, index] = pooled.half()
         self.logits[view, index] = logits.half()
-        return pooled.float(), logits
+        return pooled.float(), logits.float()
 
 
-def train_step(distiller: Distiller, optimizer, images, labels, epoch: int = 0, teacher_outputs=None,
+def train_step(distiller: Distiller, optimizer, images, labels, epoch: int | torch.Tensor = 0, teacher_outputs=None,
                autocast=None, model: nn.Module | None = None,
                clip_grad: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step of ``distiller``; returns (student logits, weighted loss terms).
@@ -467,7 +480,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     if device.type == "cuda" and config.channels_last:
         distiller.to(memory_format=torch.channels_last)
     if config.compile:  # the whole forward (student, teacher, losses); in place, so checkpoints keep their names
-        distiller.compile()
+        distiller.compile(**compile_options(config.compile))
     model = distiller
     if processes.world > 1:  # gradients averaged over the processes; rank 0's BatchNorm statistics shared
         model = torch.nn.parallel.DistributedDataParallel(
@@ -530,6 +543,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
         view = cache.view(epoch) if cache is not None else epoch
+        epoch_on_device = torch.tensor(epoch, device=device)  # a tensor: a compiled forward is not re-traced per epoch
         train_loader.set_epoch(view)
         distiller.train()
         sums: dict[str, torch.Tensor] = {}
@@ -548,8 +562,8 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
             elif config.label_smoothing:
                 targets = mixup_target(labels, num_classes, smoothing=config.label_smoothing)
             try:
-                logits, terms = train_step(distiller, optimizer, images, targets, epoch, outputs, autocast, model,
-                                           config.clip_grad)
+                logits, terms = train_step(distiller, optimizer, images, targets, epoch_on_device, outputs, autocast,
+                                           model, config.clip_grad)
             except NonFiniteLossError as error:
                 non_finite(epoch, str(error))
             if ema is not None:

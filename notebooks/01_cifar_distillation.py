@@ -40,6 +40,7 @@ teacher_batch_size: int = 0  # batch size when the teacher is trained here; 0: b
 teacher_lr: float = 0.0  # learning rate when the teacher is trained here; 0: lr
 student: str = "resnet8x4"  # student architecture (timm name)
 methods: list = ["ce", "kd", "fitnet", "dkd", "srd", "vkd", "srd+dkd"]  # vkd.distillers.METHODS
+method_options: dict = {}  # per method, MethodConfig overrides, e.g. {"vkd": {"vkd_weight": 50}}
 epochs: int = 240  # student epochs
 batch_size: int = 64
 lr: float = 0.05
@@ -48,7 +49,7 @@ teacher_cache_views: int = 0  # >0: cache teacher outputs for that many augmenta
 seed: int = 0
 device: str = "auto"  # auto | cpu | cuda
 parallel: int = 1  # students trained at once, as separate processes (several share one GPU well)
-compile: bool | str = False  # torch.compile the training forward: true, or a mode ("reduce-overhead": CUDA graphs)
+compile: bool = False  # torch.compile the training forward; also a mode name ("reduce-overhead": CUDA graphs)
 
 # %%
 import json
@@ -80,10 +81,13 @@ teacher_weights, teacher_summary = train_teacher(teacher, teacher_epochs, teache
 # ## Students
 
 # %%
+if set(method_options) - set(methods):
+    raise ValueError(f"method_options names {sorted(set(method_options) - set(methods))}, not among methods {methods}")
 configs = [TrainConfig(
     student=student, method=method, epochs=epochs, teacher=None if method == "ce" else teacher,
     teacher_checkpoint=None if method == "ce" else teacher_weights, teacher_sha256=teacher_sha256 or None,
-    teacher_cache_views=0 if method == "ce" else teacher_cache_views, **common).named(f"{method}-{student}")
+    teacher_cache_views=0 if method == "ce" else teacher_cache_views, method_options=method_options.get(method, {}),
+    **common).named(f"{method}-{student}")
     for method in methods]
 summaries = dict(zip(methods, train_many(configs, parallel), strict=True))
 for method, s in summaries.items():
@@ -92,6 +96,7 @@ for method, s in summaries.items():
 # %%
 def row(method: str, s: dict) -> dict:
     return {"method": method, "teacher": teacher, "student": s["student"], "dataset": s["dataset"],
+            "options": " ".join(f"{k}={v}" for k, v in s["config"]["method_options"].items()),
             "fraction": s["fraction"], "epochs": s["epochs"], "batch": s["config"]["batch_size"], "seed": s["seed"],
             "best_top1": round(s["best_acc"], 2),
             "last_top1": round(s["last_acc"], 2), "wall_s": round(s["wall_seconds"]), "device": s["device"],
@@ -115,7 +120,7 @@ for method, s in summaries.items():
     curves.append(metrics.assign(method=method))
 curves = pd.concat(curves, ignore_index=True)
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-sns.lineplot(data=curves, x="epoch", y="test_acc", hue="method", ax=axes[0], marker="o")
+sns.lineplot(data=curves, x="epoch", y="test_acc", hue="method", ax=axes[0], marker="o" if epochs <= 30 else None)
 sns.lineplot(data=curves, x="epoch", y="train_loss", hue="method", ax=axes[1], legend=False)
 axes[0].set(ylabel="test top-1 (%)", title=f"{teacher} → {student}")
 axes[1].set(ylabel="training loss (weighted sum)", yscale="log")

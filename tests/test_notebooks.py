@@ -10,7 +10,14 @@ import pytest
 
 from vkd import data
 from vkd.engine import TrainConfig
-from vkd.notebooks import NotebookError, inspect_parameters, list_notebooks, run_as_script, run_notebook
+from vkd.notebooks import (
+    NotebookError,
+    inspect_parameters,
+    list_notebooks,
+    run_as_script,
+    run_notebook,
+    script_parameters,
+)
 from vkd.paths import project_root
 
 NOTEBOOKS = list_notebooks()
@@ -40,6 +47,12 @@ def test_notebook_runs_in_smoke_profile(notebook, tmp_path):
     stderr = ["".join(output["text"])[:300] for cell in nbformat.read(executed, as_version=4).cells
               for output in cell.get("outputs", []) if output.get("name") == "stderr"]
     assert not stderr, f"the executed copy holds warnings or progress bars: {stderr}"
+
+
+@pytest.mark.parametrize("notebook", [p.stem for p in list_notebooks()])
+def test_papermill_and_the_script_runner_see_the_same_parameters(notebook):
+    # papermill parses the parameters cell with its own patterns (it once missed "compile: bool | str = False")
+    assert set(inspect_parameters(notebook)) == script_parameters(notebook)
 
 
 def test_unknown_parameter_is_refused_with_the_declared_names(tmp_path):

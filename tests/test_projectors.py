@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import vkd
-from vkd.projectors import ORTHOGONAL_METHODS
+from vkd.projectors import ORTHOGONAL_METHODS, OrthogonalProjector
 
 # "exp" forms a d_t x d_t matrix exponential and "householder" a d_s-step reflection product with a
 # slow backward: both run at the smaller sizes to keep the suite fast.
@@ -161,3 +161,22 @@ def test_autocast_keeps_the_projection_exact(method):
         y = p(x)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, x @ p.weight.mT, atol=1e-5, rtol=1e-5)
+
+
+def test_stiefel_projector_compiled_under_bf16_autocast_has_the_eager_gradients():
+    # the compiled backward of the hand-written Stiefel gradient once ran under the forward's autocast
+    # and mixed bf16 with float32 (a crash on the GPU, reproduced here on the CPU)
+    torch.manual_seed(0)
+    projector = OrthogonalProjector(8, 16)
+    x = torch.randn(4, 8)
+    eager_x = x.clone().requires_grad_()
+    projector(eager_x).square().sum().backward()
+    eager_grads = (eager_x.grad.clone(), projector.free.grad.clone())
+    projector.zero_grad()
+    compiled_x = x.clone().requires_grad_()
+    loss_of = torch.compile(lambda v: projector(v).square().sum(), backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_of(compiled_x)
+    loss.backward()
+    torch.testing.assert_close(compiled_x.grad, eager_grads[0])
+    torch.testing.assert_close(projector.free.grad, eager_grads[1])

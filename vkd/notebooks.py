@@ -153,6 +153,22 @@ def run_notebook(
 PARAMETERS_MARKER = '# %% tags=["parameters"]'
 
 
+def _split_at_parameters(path: Path) -> tuple[str, str, str]:
+    """A notebook's source as (before the parameters cell, the cell's body, after it)."""
+    source = path.read_text()
+    if PARAMETERS_MARKER not in source:
+        raise NotebookError(f"{path.name} has no cell tagged 'parameters'")
+    head, rest = source.split(PARAMETERS_MARKER, 1)
+    cell, _, tail = rest.partition("\n# %%")
+    return head, cell, tail
+
+
+def script_parameters(name: str | Path) -> set[str]:
+    """The names the parameters cell declares (``name: type = value``), as :func:`run_as_script` reads them."""
+    _, cell, _ = _split_at_parameters(find_notebook(name))
+    return {node.target.id for node in ast.parse(cell).body if isinstance(node, ast.AnnAssign)}
+
+
 def run_as_script(
     name: str | Path,
     profile: str = "smoke",
@@ -167,12 +183,8 @@ def run_as_script(
     their settings, running the notebook later with the same parameters only gathers the results."""
     path = find_notebook(name)
     values = _parameter_values(path, profile, parameters, params_file)
-    source = path.read_text()
-    if PARAMETERS_MARKER not in source:
-        raise NotebookError(f"{path.name} has no cell tagged 'parameters'")
-    head, rest = source.split(PARAMETERS_MARKER, 1)
-    cell, _, tail = rest.partition("\n# %%")
-    declared = {node.target.id for node in ast.parse(cell).body if isinstance(node, ast.AnnAssign)}
+    head, cell, tail = _split_at_parameters(path)
+    declared = script_parameters(path)
     unknown = sorted(set(values) - declared)
     if unknown:
         raise NotebookError(f"{path.name} declares no parameter {', '.join(map(repr, unknown))}; "

@@ -63,6 +63,26 @@ def test_tensor_loader_crops_and_flips_like_the_standard_augmentation():
     assert not torch.equal(next(iter(loader))[0], batch)
 
 
+def test_tensor_loader_draws_the_order_then_each_batch_crops_and_flips_in_turn():
+    # the draw order fixes every committed result: the permutation, then per batch dy, dx, flip
+    images = torch.randint(0, 256, (20, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    tensors = data.TensorData(images, torch.arange(20), [str(i) for i in range(20)])
+    loader = data.TensorLoader(tensors, 8, (0, 0, 0), (1 / 255,) * 3, train=True, pad=2, seed=3)
+    loader.set_epoch(2)
+    generator = data.epoch_generator(3, 2)
+    order = torch.randperm(20, generator=generator)
+    batches = list(loader)
+    assert len(batches) == 2  # 20 samples in batches of 8, the last partial one dropped
+    padded = torch.nn.functional.pad(images.float(), (2, 2, 2, 2))
+    for i, (batch, labels, index) in enumerate(batches):
+        assert torch.equal(index, order[i * 8:(i + 1) * 8]) and torch.equal(labels, index)
+        dy, dx = torch.randint(0, 5, (8,), generator=generator), torch.randint(0, 5, (8,), generator=generator)
+        flip = torch.rand(8, generator=generator) < 0.5
+        for image, sample, y, x, f in zip(batch, index, dy, dx, flip, strict=True):
+            crop = padded[sample, :, y:y + 6, x:x + 6]
+            assert torch.equal(image, crop.flip(-1) if f else crop)
+
+
 def test_tensor_loader_eval_is_plain_normalisation():
     images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
     loader = data.TensorLoader(data.TensorData(images, torch.arange(5), []), 2, (0.5,) * 3, (0.25,) * 3, train=False)

@@ -260,12 +260,22 @@ class TensorLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _crops_and_flips(self, sizes: list[int], generator: torch.Generator) -> list[torch.Tensor]:
+        """Per batch of ``sizes``, its (3, B) offsets dy, dx and flip flags on the device -- drawn batch by batch
+        in the order the batches use them, but copied to the device once an epoch (a copy from host memory
+        waits for the GPU to finish its queue; one per step would keep the host from running ahead)."""
+        draws = []
+        for n in sizes:
+            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator)
+            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator)
+            flip = torch.rand(n, generator=generator) < 0.5
+            draws.append(torch.stack([dy, dx, flip.long()]))
+        return list(torch.cat(draws, 1).to(self.device).split(sizes, 1)) if draws else []
+
+    def _augment(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         n, _, h, w = images.shape
         padded = F.pad(images, (self.pad,) * 4)
-        dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator).to(self.device)
-        dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator).to(self.device)
-        flip = (torch.rand(n, generator=generator) < 0.5).to(self.device)
+        dy, dx, flip = draws[0], draws[1], draws[2].bool()
         rows = (dy[:, None] + torch.arange(h, device=self.device)).view(n, 1, h, 1)
         cols = torch.arange(w, device=self.device).expand(n, w)
         cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
@@ -276,11 +286,13 @@ class TensorLoader:
     def __iter__(self):
         generator = epoch_generator(self.seed, self.epoch)  # draws the order, then the crops and flips
         order = epoch_order(len(self.labels), self.train, generator, self.rank, self.world).to(self.device)
+        sizes = [min(self.batch_size, len(order) - i * self.batch_size) for i in range(len(self))]
+        draws = self._crops_and_flips(sizes, generator) if self.train else []
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             images = self.images[index].float()
             if self.train:
-                images = self._augment(images, generator)
+                images = self._augment(images, draws[i])
             yield (images - self.mean) / self.std, self.labels[index], index
 
 

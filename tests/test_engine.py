@@ -227,3 +227,10 @@ def test_summary_records_the_revision_the_run_started_with(data_root, tmp_path, 
 
     summary = train(config(data_root, tmp_path, name="revision", epochs=1), probe=edit_the_checkout)
     assert summary["git_revision"] == "abc1234"
+
+
+def test_progress_bars_follow_the_environment_switch(monkeypatch):
+    monkeypatch.setenv("VKD_PROGRESS", "0")  # what batch notebook runs set for their kernel
+    assert not TrainConfig().progress
+    monkeypatch.setenv("VKD_PROGRESS", "1")
+    assert TrainConfig().progress

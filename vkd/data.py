@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torchvision import datasets
 from tqdm.auto import tqdm
 
-from .paths import resolve, save_atomic
+from .paths import progress_default, resolve, save_atomic
 
 ARCHIVE_ENV = "VKD_CIFAR10_ARCHIVE"
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
@@ -187,9 +187,9 @@ class TensorData:
 
 
 def load_tensor_data(name: str, split: str, root: str | Path = "data", download: bool = False,
-                     progress: bool = True) -> TensorData:
+                     progress: bool | None = None) -> TensorData:
     """Decode dataset ``name`` once into uint8 tensors, cached as ``root/<name>-<split>.pt`` (``progress``: a
-    tqdm bar while decoding)."""
+    tqdm bar while decoding; by default unless ``$VKD_PROGRESS`` is "0")."""
     root = resolve(root)
     cache = root / f"{name}-{split}.pt"
     if cache.is_file():
@@ -197,7 +197,8 @@ def load_tensor_data(name: str, split: str, root: str | Path = "data", download:
     dataset = image_dataset(name, split, root, download)
     if isinstance(dataset, datasets.ImageFolder):
         images = np.stack([np.asarray(dataset.loader(path).convert("RGB")) for path, _ in
-                           tqdm(dataset.samples, desc=f"decoding {name} {split}", mininterval=5, disable=not progress)])
+                           tqdm(dataset.samples, desc=f"decoding {name} {split}", mininterval=5,
+                                disable=not (progress_default() if progress is None else progress))])
         labels = np.asarray(dataset.targets)
     else:
         images, labels = np.asarray(dataset.data), np.asarray(dataset.targets)

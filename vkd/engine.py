@@ -36,14 +36,7 @@ from tqdm.auto import tqdm
 
 from . import data as vdata
 from .distillers import Distiller, MethodConfig
-from .notebooks import PROGRESS_ENV
-from .paths import project_root, resolve, save_atomic
-
-
-def progress_default() -> bool:
-    """Whether runs show tqdm bars by default: yes, unless ``$VKD_PROGRESS`` is "0" (as in the notebooks'
-    papermill runs, whose executed copies would otherwise keep every bar update as text)."""
-    return os.environ.get(PROGRESS_ENV, "1") != "0"
+from .paths import progress_default, project_root, resolve, save_atomic
 
 
 class NonFiniteLossError(FloatingPointError):

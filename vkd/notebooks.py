@@ -18,9 +18,7 @@ from typing import Any
 
 import yaml
 
-from .paths import project_root
-
-PROGRESS_ENV = "VKD_PROGRESS"  # read by vkd.engine.progress_default
+from .paths import PROGRESS_ENV, project_root
 
 PROFILES = ("smoke", "quick", "full")
 

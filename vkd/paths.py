@@ -1,5 +1,5 @@
-"""Where the project's folders are, wherever a notebook or command is started from, and writing files
-into them safely."""
+"""Where the project's folders are, wherever a notebook or command is started from, writing files
+into them safely, and the environment switch for progress bars."""
 
 from __future__ import annotations
 
@@ -7,6 +7,14 @@ import os
 from pathlib import Path
 
 import torch
+
+PROGRESS_ENV = "VKD_PROGRESS"  # "0": no tqdm bars (set for the kernel of batch notebook runs)
+
+
+def progress_default() -> bool:
+    """Whether tqdm bars show by default: yes, unless ``$VKD_PROGRESS`` is "0" (as in the notebooks'
+    papermill runs, whose executed copies would otherwise keep every bar update as text)."""
+    return os.environ.get(PROGRESS_ENV, "1") != "0"
 
 
 def project_root(start: Path | None = None) -> Path:

@@ -38,14 +38,13 @@ from ..engine import (
     device_description,
     finished_summary,
     git_revision,
-    progress_default,
     resolve_device,
     rng_state,
     seed_everything,
     set_rng_state,
 )
 from ..losses import VkDLoss
-from ..paths import resolve, save_atomic
+from ..paths import progress_default, resolve, save_atomic
 from ..projectors import retract_
 from .augment import DIFFAUGMENT_POLICY, diff_augment
 from .features import ImageEmbedding, classifier_embedding, clip_embedding

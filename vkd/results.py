@@ -11,6 +11,7 @@ from .paths import resolve
 
 PAPER_NUMBERS = "data/paper_numbers.csv"
 PAPER_FID = "data/paper_fid.csv"
+TEACHERS = "data/teachers/teachers.csv"
 
 
 def paper_numbers() -> pd.DataFrame:
@@ -32,6 +33,23 @@ def with_paper_numbers(results: pd.DataFrame) -> pd.DataFrame:
     paper = paper_numbers().rename(columns={"top1": "paper_top1", "dataset": "paper_dataset"})
     paper = paper[["teacher", "student", "method", "paper_top1", "paper_dataset"]]
     return results.merge(paper, on=["teacher", "student", "method"], how="left")
+
+
+def committed_teacher_row(checkpoint: str | Path) -> dict | None:
+    """The results-table row of a committed teacher (``data/teachers/teachers.csv``: its measured test top-1,
+    training epochs, batch, wall time, device), or None when ``checkpoint`` is not that file (by sha256)."""
+    from .engine import sha256
+
+    path, table = resolve(checkpoint), pd.read_csv(resolve(TEACHERS))
+    match = table[table.file == path.name]
+    if match.empty or not path.is_file() or sha256(path) != match.sha256.iloc[0]:
+        return None
+    record = match.iloc[0]
+    last = record.test_top1_gpu_bf16 if pd.notna(record.test_top1_gpu_bf16) else record.test_top1_cpu_fp32
+    return {"method": "teacher", "teacher": record.arch, "student": f"{record.arch} (teacher)",
+            "dataset": record.dataset, "epochs": record.epochs, "batch": record.batch_size,
+            "best_top1": record.test_top1_best_gpu, "last_top1": last, "wall_s": record.wall_s,
+            "device": record.device, "git": record.vkd_revision}
 
 
 def render_table(table: pd.DataFrame, path: str | Path, title: str = "") -> None:

@@ -161,10 +161,13 @@ def _split_at_parameters(path: Path) -> tuple[str, str, str]:
     return head, cell, tail
 
 
+def _annotated_names(cell: str) -> set[str]:
+    return {node.target.id for node in ast.parse(cell).body if isinstance(node, ast.AnnAssign)}
+
+
 def script_parameters(name: str | Path) -> set[str]:
     """The names the parameters cell declares (``name: type = value``), as :func:`run_as_script` reads them."""
-    _, cell, _ = _split_at_parameters(find_notebook(name))
-    return {node.target.id for node in ast.parse(cell).body if isinstance(node, ast.AnnAssign)}
+    return _annotated_names(_split_at_parameters(find_notebook(name))[1])
 
 
 def run_as_script(
@@ -182,7 +185,7 @@ def run_as_script(
     path = find_notebook(name)
     values = _parameter_values(path, profile, parameters, params_file)
     head, cell, tail = _split_at_parameters(path)
-    declared = script_parameters(path)
+    declared = _annotated_names(cell)
     unknown = sorted(set(values) - declared)
     if unknown:
         raise NotebookError(f"{path.name} declares no parameter {', '.join(map(repr, unknown))}; "

@@ -51,25 +51,16 @@ fid_features: str = "inception"  # inception | teacher | ARCH:CHECKPOINT (anothe
 inception_weights: str = ""  # local Inception weights (empty: torch-fidelity downloads them; online)
 seed: int = 0
 device: str = "auto"
+parallel: int = 1  # runs trained at once, as separate processes (several share one GPU well)
 
 # %%
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
-import torch
 from PIL import Image
 
-from vkd.engine import resolve_device
-from vkd.gan import (
-    GANConfig,
-    build_teacher_embedding,
-    class_spread,
-    evaluation_embedding,
-    fid_real_images,
-    generate,
-    load_generator,
-    train_gan,
-)
+from vkd.engine import train_many
+from vkd.gan import GANConfig
 from vkd.paths import output_dir
 from vkd.results import paper_fid, render_table
 
@@ -79,17 +70,19 @@ common = dict(out_dir=runs_dir, dataset=dataset, download=download, teacher=teac
               kd_weight=kd_weight, channels=channels, iterations=iterations, batch_size=batch_size, d_steps=d_steps,
               ema_decay=ema_decay, eval_every=eval_every, fid_samples=fid_samples, fid_features=fid_features,
               inception_weights=inception_weights, seed=seed, device=device)
-summaries, configs, curves = {}, {}, []
+configs = {}
 for fraction in fractions:
     for spec in methods:
         method, _, norm = spec.partition("-")
         config = GANConfig(fraction=fraction, method=method, **({"norm": norm} if norm else {}), **common)
-        configs[spec, fraction] = config = config.named(f"{spec}-{int(fraction * 100)}pct")
-        summaries[spec, fraction] = summary = train_gan(config)
-        curves.append(pd.read_csv(config.run_dir() / "metrics.csv").assign(method=spec, fraction=fraction,
-                                                                           run=config.name))
-        print(f"{spec:14s} {fraction:4.0%}  best FID {summary['best_fid']:.3f}  last {summary['last_fid']:.3f}  "
-              f"{summary['wall_seconds']:.0f} s")
+        configs[spec, fraction] = config.named(f"{spec}-{int(fraction * 100)}pct")
+summaries = dict(zip(configs, train_many(list(configs.values()), parallel), strict=True))
+curves = []
+for (spec, fraction), summary in summaries.items():
+    curves.append(pd.read_csv(configs[spec, fraction].run_dir() / "metrics.csv").assign(
+        method=spec, fraction=fraction, run=summary["name"]))
+    print(f"{spec:14s} {fraction:4.0%}  best FID {summary['best_fid']:.3f}  last {summary['last_fid']:.3f}  "
+          f"{summary['wall_seconds']:.0f} s")
 curves = pd.concat(curves)
 feature_space = next(iter(summaries.values()))["fid_feature_space"]
 print("FID feature space:", feature_space)
@@ -99,22 +92,13 @@ print("FID feature space:", feature_space)
 # FID mixes fidelity and diversity. The within-class spread (`vkd.gan.class_spread`: the mean over
 # classes of the total variance of one class's embeddings, in the FID feature space -- the teacher's when
 # that is Inception) isolates diversity: 0 for a generator that repeats one image per class. The paper's
-# mechanism is that a whitened teacher makes the generations more diverse; `spread_ratio` is the final
-# generator's spread over the real test images' (1: as varied as real data).
+# mechanism is that a whitened teacher makes the generations more diverse; each run's summary records
+# `spread_ratio`, the final generator's spread over the real test images' (1: as varied as real data).
 
 # %%
-run_device = resolve_device(device)
-first = next(iter(configs.values()))
-embedding = (evaluation_embedding(first) or build_teacher_embedding(first)).to(run_device)
-test = fid_real_images(first)
-real_spread = class_spread(embedding, test.images.to(run_device), test.labels.to(run_device))
-spread_ratio = {}
-for key, config in configs.items():
-    generator = load_generator(config.run_dir() / "generator.pt", run_device)
-    images = torch.cat(list(generate(generator, len(test.labels), 500, seed + 3, run_device)))
-    labels = torch.arange(len(images), device=run_device) % generator.num_classes
-    spread_ratio[key] = class_spread(embedding, images, labels) / real_spread
-print(f"real test images: within-class spread {real_spread:.2f} ({embedding.name})")
+spread_ratio = {key: s["spread_ratio"] for key, s in summaries.items()}
+first = next(iter(summaries.values()))
+print(f"real test images: within-class spread {first['real_spread']:.2f} ({first['spread_space']})")
 
 # %%
 rows = [{"method": spec, "fraction": fraction, "best_fid": round(s["best_fid"], 3), "last_fid": round(s["last_fid"], 3),

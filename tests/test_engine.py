@@ -169,7 +169,7 @@ def test_train_command_reads_a_config_and_refuses_unknown_settings(data_root, tm
     assert summary["name"].startswith("cli-") and summary["epochs"] == 1
     assert json.loads((tmp_path / "runs" / summary["name"] / "summary.json").read_text())["config"]["lr"] == 0.01
     assert main(["train", "--config", str(path), "-s", "learning_rate", "0.01"]) == 2
-    assert "unknown training setting(s) 'learning_rate'" in capsys.readouterr().err
+    assert "unknown TrainConfig setting(s) 'learning_rate'" in capsys.readouterr().err
 
 
 def test_runs_in_parallel_processes_match_runs_in_this_process(data_root, tmp_path):

@@ -1,5 +1,8 @@
 """vkd.gan: DiffAugment, the BigGAN-style networks, FID against its closed form, resumable training."""
 
+import json
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 import torch
@@ -7,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vkd import data
-from vkd.engine import TrainConfig, train
+from vkd.cli import main
+from vkd.engine import TrainConfig, _child_env, train, train_many
 from vkd.gan import (
     FID,
     Discriminator,
@@ -17,6 +21,9 @@ from vkd.gan import (
     class_spread,
     clip_embedding,
     diff_augment,
+    evaluation_embedding,
+    fid_real_images,
+    generate,
     load_generator,
     train_gan,
 )
@@ -173,6 +180,41 @@ def test_resumed_gan_run_equals_uninterrupted_run(tmp_path, teacher):
     assert (tmp_path / "runs/vkd-full/samples.png").is_file()
     generator = load_generator(tmp_path / "runs/vkd-full/generator.pt")
     assert not generator.training and generator(torch.randn(2, 8), torch.tensor([0, 1])).shape == (2, 3, 32, 32)
+
+
+def test_summary_records_the_final_generators_within_class_spread(tmp_path, teacher):
+    config = gan_config(tmp_path, teacher, name="spread", method="vkd")
+    summary = train_gan(config)
+    embedding = evaluation_embedding(config)
+    test = fid_real_images(config)
+    generator = load_generator(config.run_dir() / "generator.pt")
+    images = torch.cat(list(generate(generator, len(test.labels), 500, config.seed + 3, torch.device("cpu"))))
+    real = class_spread(embedding, test.images, test.labels)
+    generated = class_spread(embedding, images, torch.arange(len(images)) % generator.num_classes)
+    assert summary["real_spread"] == pytest.approx(real, rel=1e-9)
+    assert summary["spread_ratio"] == pytest.approx(generated / real, rel=1e-9)
+    assert summary["spread_space"] == embedding.name
+    # a summary written before the spread was recorded is completed from generator.pt, on disk too
+    path = config.run_dir() / "summary.json"
+    older = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("spread_ratio", "real_spread",
+                                                                                "spread_space")}
+    path.write_text(json.dumps(older))
+    assert train_gan(config) == summary == json.loads(path.read_text())
+
+
+def test_gan_runs_in_parallel_processes_match_runs_in_this_process(tmp_path, teacher):
+    configs = [gan_config(tmp_path, teacher, name=f"p-{method}", method=method) for method in ("da", "vkd")]
+    parallel = train_many(configs, processes=2)  # each a `python -m vkd gan --config` process
+    assert (tmp_path / "runs/p-vkd/config.json").is_file() and (tmp_path / "runs/p-vkd/train.log").is_file()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(_child_env(2)["OMP_NUM_THREADS"]))  # as each process had: same float sums
+    try:
+        alone = train_many([replace(c, out_dir=str(tmp_path / "alone")) for c in configs])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(parallel, alone, strict=True):
+        assert (a["name"], a["last_fid"], a["spread_ratio"]) == (b["name"], b["last_fid"], b["spread_ratio"])
+    assert main(["gan", "-s", "iteration", "4"]) == 2
 
 
 def test_gan_config_errors(tmp_path, teacher):

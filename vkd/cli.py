@@ -1,4 +1,4 @@
-"""Command line: ``python -m vkd {run,reproduce,train,bench} ...``."""
+"""Command line: ``python -m vkd {run,reproduce,train,gan,eval,export,bench} ...``."""
 
 from __future__ import annotations
 
@@ -33,12 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     training_run = commands.add_parser(
         "train", help="train one run (student, optional teacher, method); under torchrun, one process per GPU "
         "(or CPU process, gloo) with DistributedDataParallel")
-    training_run.add_argument("--config", help="YAML file of vkd.engine.TrainConfig fields")
-    training_run.add_argument("-s", "--set", nargs=2, action="append", metavar=("FIELD", "VALUE"),
-                              help="override a field (VALUE is read as YAML)")
-    training_run.add_argument("--named", metavar="PREFIX", help="name the run PREFIX-<digest of its settings>")
-    training_run.add_argument("--stop-after-epoch", type=int, metavar="N",
+    training_run.add_argument("--stop-after-epoch", type=int, metavar="N", dest="stop_after",
                               help="end after epoch N as if interrupted (the checkpoint resumes it)")
+    gan_run = commands.add_parser("gan", help="train one data-limited GAN run (vkd.gan.GANConfig)")
+    gan_run.add_argument("--stop-after-iteration", type=int, metavar="N", dest="stop_after",
+                         help="end after the checkpoint at iteration N as if interrupted (the checkpoint resumes it)")
+    for sub, kind in ((training_run, "vkd.engine.TrainConfig"), (gan_run, "vkd.gan.GANConfig")):
+        sub.add_argument("--config", help=f"YAML file of {kind} fields")
+        sub.add_argument("-s", "--set", nargs=2, action="append", metavar=("FIELD", "VALUE"),
+                         help="override a field (VALUE is read as YAML)")
+        sub.add_argument("--named", metavar="PREFIX", help="name the run PREFIX-<digest of its settings>")
 
     evaluation = commands.add_parser("eval", help="top-1 / top-5 of a checkpoint on a dataset's evaluation split")
     evaluation.add_argument("checkpoint", help="vkd model.pt / checkpoint.pt, a DeiT-style release, or a state dict")
@@ -104,18 +108,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 1
         return 0
-    if args.command == "train":
-        from .engine import config_from_file, make_config, train
+    if args.command in ("train", "gan"):
+        if args.command == "train":
+            from .engine import TrainConfig as kind
+        else:
+            from .gan import GANConfig as kind
 
         overrides = _parse_overrides(args.set)
         try:
-            config = config_from_file(args.config, **overrides) if args.config else make_config(**overrides)
+            config = kind.from_file(args.config, **overrides) if args.config else kind.from_values(**overrides)
         except (FileNotFoundError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         if args.named:
             config = config.named(args.named)
-        summary = train(config, stop_after_epoch=args.stop_after_epoch)
+        summary = config.run(stop_after=args.stop_after)
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_rank() == 0:

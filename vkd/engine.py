@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -45,9 +46,37 @@ class NonFiniteLossError(FloatingPointError):
 
 class RunConfig:
     """What every run configuration (a dataclass with ``name`` and ``out_dir``) shares: its folder, the
-    settings that shape its result, and a digest of them that names the folder."""
+    settings that shape its result, a digest of them that names the folder, reading it from a file, and
+    training it (in this process, or as ``python -m vkd COMMAND --config FILE``)."""
 
     NOT_SHAPING = ("name", "out_dir", "progress")  # fields that do not change the result
+    COMMAND: ClassVar[str]  # the ``python -m vkd`` command that trains one run of this kind
+
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train this run (resuming or reusing it) and return its summary; ``stop_after`` ends it after that
+        epoch / iteration as if interrupted."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_values(cls, **values):
+        """``cls(**values)`` with a clear error naming any field it does not have; lists (from YAML or
+        JSON) become tuples where the field's default is one."""
+        defaults = asdict(cls())
+        unknown = sorted(set(values) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} setting(s) {', '.join(map(repr, unknown))}; "
+                             f"the settings are: {', '.join(sorted(defaults))}")
+        return cls(**{k: tuple(v) if isinstance(defaults[k], tuple) else v for k, v in values.items()})
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides):
+        """A config from a YAML (or JSON) file of its fields, then ``overrides``; unknown fields are refused."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config file at {path}")
+        return cls.from_values(**{**(yaml.safe_load(path.read_text()) or {}), **overrides})
 
     def run_dir(self) -> Path:
         return resolve(self.out_dir) / self.name
@@ -88,6 +117,8 @@ class RunConfig:
 @dataclass
 class TrainConfig(RunConfig):
     """Everything a run depends on; stored in the checkpoint and in summary.json."""
+
+    COMMAND: ClassVar[str] = "train"
 
     name: str = "run"  # run folder name under out_dir
     out_dir: str = "runs"  # relative to the project root
@@ -133,6 +164,9 @@ class TrainConfig(RunConfig):
     compile: bool | str = False  # torch.compile the training forward (student, teacher, losses): True, or a mode
     # of torch.compile ("reduce-overhead": CUDA graphs, for small models whose steps are launch-bound on a GPU)
     progress: bool = field(default_factory=progress_default)  # tqdm bars
+
+    def run(self, stop_after: int | None = None) -> dict:
+        return train(self, stop_after_epoch=stop_after)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -679,39 +713,16 @@ def train_teacher(arch: str, epochs: int, checkpoint: str = "", **settings) -> t
     return str(config.run_dir() / "model.pt"), summary
 
 
-def config_from_file(path: str | Path, **overrides) -> TrainConfig:
-    """A TrainConfig from a YAML (or JSON) file of its fields, then ``overrides``; unknown fields are refused."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no config file at {path}")
-    values = {**(yaml.safe_load(path.read_text()) or {}), **overrides}
-    return make_config(**values)
-
-
-def make_config(**values) -> TrainConfig:
-    """``TrainConfig(**values)`` with a clear error naming any field it does not have."""
-    known = set(TrainConfig.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown training setting(s) {', '.join(map(repr, unknown))}; "
-                         f"the settings are: {', '.join(sorted(known))}")
-    if "milestones" in values:
-        values["milestones"] = tuple(values["milestones"])
-    return TrainConfig(**values)
-
-
-def train_many(configs: list[TrainConfig], processes: int = 1) -> list[dict]:
-    """Train ``configs`` and return their summaries, in order.
+def train_many(configs: list[RunConfig], processes: int = 1) -> list[dict]:
+    """Train ``configs`` (TrainConfig, or vkd.gan's GANConfig) and return their summaries, in order.
 
     ``processes=1`` trains them one after the other in this process.  More runs them concurrently as
-    ``python -m vkd train`` processes (each writes ``config.json`` and ``train.log`` into its run
+    ``python -m vkd train`` (``gan``) processes (each writes ``config.json`` and ``train.log`` into its run
     folder): small CIFAR models leave a GPU mostly idle, so several runs share one well; with several
     GPUs visible the processes are spread over them; on the CPU the cores are divided between them.
     Finished runs are reused and interrupted ones resume, as with :func:`train`."""
     if processes <= 1:
-        return [train(config) for config in configs]
+        return [config.run() for config in configs]
     gpus = torch.cuda.device_count()
     env = _child_env(processes)
     waiting = [(slot, config) for slot, config in enumerate(configs) if finished_summary(config) is None]
@@ -722,7 +733,7 @@ def train_many(configs: list[TrainConfig], processes: int = 1) -> list[dict]:
             slot, config = waiting.pop(0)
             if gpus > 1:
                 env = {**env, "CUDA_VISIBLE_DEVICES": str(slot % gpus)}
-            running[slot] = _start(config, [sys.executable, "-m", "vkd", "train"], env)
+            running[slot] = _start(config, [sys.executable, "-m", "vkd", config.COMMAND], env)
         time.sleep(1)
         for slot, process in list(running.items()):
             if process.poll() is not None:
@@ -743,7 +754,7 @@ def _child_env(processes: int) -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
 
 
-def _start(config: TrainConfig, launcher: list[str], env: dict) -> subprocess.Popen:
+def _start(config: RunConfig, launcher: list[str], env: dict) -> subprocess.Popen:
     """Start ``launcher ... --config <run>/config.json`` in the background, logging to ``<run>/train.log``."""
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -800,7 +811,7 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | None = None, dataset
     arch = arch or (state.get("arch") if isinstance(state, dict) else None)
     if arch is None:
         raise ValueError(f"{checkpoint} does not record its architecture: give arch (a timm model name)")
-    config = make_config(dataset=dataset, data_root=data_root, image_size=image_size, batch_size=batch_size,
+    config = TrainConfig.from_values(dataset=dataset, data_root=data_root, image_size=image_size, batch_size=batch_size,
                          workers=workers, device=str(device))
     loader = _split_loader(config, device, Processes(), train=False)
     classes = num_classes or (state.get("num_classes") if isinstance(state, dict) else None) or loader.num_classes

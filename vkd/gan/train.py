@@ -23,6 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import torch
@@ -48,7 +49,7 @@ from ..paths import progress_default, resolve, save_atomic
 from ..projectors import retract_
 from .augment import DIFFAUGMENT_POLICY, diff_augment
 from .features import ImageEmbedding, classifier_embedding, clip_embedding
-from .fid import FID, to_uint8
+from .fid import FID, class_spread, to_uint8
 from .models import Discriminator, Generator
 
 GAN_METHODS = ("da", "vkd")
@@ -57,6 +58,8 @@ GAN_METHODS = ("da", "vkd")
 @dataclass
 class GANConfig(RunConfig):
     """Everything a GAN run depends on; stored in the checkpoint and in summary.json."""
+
+    COMMAND: ClassVar[str] = "gan"
 
     name: str = "gan"
     out_dir: str = "runs"
@@ -90,6 +93,9 @@ class GANConfig(RunConfig):
     device: str = "auto"
     progress: bool = field(default_factory=progress_default)  # tqdm bars
 
+    def run(self, stop_after: int | None = None) -> dict:
+        return train_gan(self, stop_after_iteration=stop_after)
+
 
 def build_teacher_embedding(config: GANConfig) -> ImageEmbedding:
     if config.teacher == "clip":
@@ -111,13 +117,6 @@ def evaluation_embedding(config: GANConfig, teacher: ImageEmbedding | None = Non
     return classifier_embedding(arch, checkpoint, dataset=config.dataset)
 
 
-def build_fid(config: GANConfig, device: torch.device, teacher: ImageEmbedding | None = None) -> FID:
-    embedding = evaluation_embedding(config, teacher)
-    if embedding is None:
-        return FID("inception", config.inception_weights, device)
-    return FID(embedding.to(device), device=device)
-
-
 def fid_real_images(config: GANConfig) -> vdata.TensorData:
     """The test images FID (and the within-class spread) compare against: a class-stratified subset of
     ``fid_samples`` of them (all when there are fewer)."""
@@ -135,6 +134,19 @@ def generate(generator: Generator, count: int, batch_size: int, seed: int, devic
         z = torch.randn(n, generator.z_dim, generator=stream).to(device)
         labels = (torch.arange(start, start + n) % generator.num_classes).to(device)
         yield to_uint8(generator(z, labels))
+
+
+@torch.no_grad()
+def within_class_spread(config: GANConfig, generator: Generator, embedding: ImageEmbedding, test_data: vdata.TensorData,
+                        device: torch.device) -> dict:
+    """Diversity of a generator: the within-class spread (:func:`~vkd.gan.fid.class_spread`) of as many of
+    its images as there are FID test images (classes in turn, a fixed noise stream) over that of the test
+    images, in ``embedding``'s space.  1: as varied within a class as real data; 0: one image per class."""
+    real = class_spread(embedding, test_data.images.to(device), test_data.labels.to(device))
+    images = torch.cat(list(generate(generator, len(test_data.labels), 500, config.seed + 3, device)))
+    labels = torch.arange(len(images), device=device) % generator.num_classes
+    return {"spread_ratio": class_spread(embedding, images, labels) / real, "real_spread": real,
+            "spread_space": embedding.name}
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
@@ -155,12 +167,13 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
         raise ValueError(f"iterations ({config.iterations}) must be a multiple of eval_every ({config.eval_every})")
     summary = finished_summary(config)
     if summary is not None:
-        return summary
+        return summary if "spread_ratio" in summary else _add_spread(config, summary)
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     revision = git_revision()  # the code that runs, whatever the checkout becomes meanwhile
     device = resolve_device(config.device)
     seed_everything(config.seed)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
 
     train_data = vdata.load_tensor_data(config.dataset, "train", config.data_root, config.download, config.progress)
     train_data = train_data.subset(vdata.stratified_indices(train_data.labels.numpy(), config.fraction, config.seed))
@@ -185,7 +198,8 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     g_optimizer = torch.optim.Adam(generator.parameters(), config.lr_g, betas=betas)
     d_optimizer = torch.optim.Adam(d_parameters, config.lr_d, betas=betas)
     ema = ModelEmaV3(generator, config.ema_decay, use_warmup=True) if config.ema_decay else None
-    fid = build_fid(config, device, teacher)
+    embedding = evaluation_embedding(config, teacher)  # None: Inception's (inside torchmetrics)
+    fid = FID(embedding.to(device) if embedding else "inception", config.inception_weights, device)
     fid.add_real(test_data.images.split(500))
 
     checkpoint_path = run_dir / "checkpoint.pt"
@@ -282,15 +296,35 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     bar.close()
 
     fids = [row["fid"] for row in rows]
+    evaluated.eval()
+    spread = within_class_spread(config, evaluated, _spread_embedding(config, embedding, teacher, device),
+                                 test_data, device)
     summary = {
         "name": config.name, "method": config.method, "norm": config.norm if distill else None,
         "dataset": config.dataset, "fraction": config.fraction, "iterations": config.iterations, "seed": config.seed,
         "best_fid": min(fids), "best_iteration": rows[fids.index(min(fids))]["iteration"], "last_fid": fids[-1],
         "fid_feature_space": fid.feature_space, "fid_samples": len(test_data.labels),
-        "teacher": (teacher.name if teacher is not None else None), "wall_seconds": elapsed,
+        **spread, "teacher": (teacher.name if teacher is not None else None), "wall_seconds": elapsed,
         "device": device_description(device), "git_revision": revision, "config": asdict(config),
     }
     save_atomic({"generator": evaluated.state_dict(), "num_classes": num_classes, "channels": config.channels,
                  "z_dim": config.z_dim}, run_dir / "generator.pt")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return json.loads(json.dumps(summary))
+
+
+def _spread_embedding(config: GANConfig, fid_embedding: ImageEmbedding | None, teacher: ImageEmbedding | None,
+                      device: torch.device) -> ImageEmbedding:
+    """The space of the within-class spread: FID's, or the teacher's where FID's is Inception's (inside
+    torchmetrics)."""
+    return (fid_embedding or teacher or build_teacher_embedding(config)).to(device)
+
+
+def _add_spread(config: GANConfig, summary: dict) -> dict:
+    """A summary written before the within-class spread was part of it, completed from ``generator.pt``."""
+    device = resolve_device(config.device)
+    generator = load_generator(config.run_dir() / "generator.pt", device)
+    embedding = _spread_embedding(config, evaluation_embedding(config), None, device)
+    summary.update(within_class_spread(config, generator, embedding, fid_real_images(config), device))
+    (config.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

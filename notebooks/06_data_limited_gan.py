@@ -41,6 +41,7 @@ teacher_sha256: str = "53ec9c1e6acac852e232049cb2e70120168a40ecb87fac59f196ebf98
 distance: str = "mse"  # distance of the distillation term
 kd_weight: float = 1.0
 channels: int = 256  # generator / discriminator width (BigGAN CIFAR: 256)
+head_dim: int = 0  # VkD: 0 projects D's pooled features (channels <= teacher width); >0 a linear regression head
 iterations: int = 100_000  # generator updates
 batch_size: int = 50
 d_steps: int = 4  # discriminator updates per generator update
@@ -67,9 +68,9 @@ from vkd.results import paper_fid, render_table
 figures = output_dir(figures_dir)
 common = dict(out_dir=runs_dir, dataset=dataset, download=download, teacher=teacher,
               teacher_checkpoint=teacher_checkpoint, teacher_sha256=teacher_sha256 or None, distance=distance,
-              kd_weight=kd_weight, channels=channels, iterations=iterations, batch_size=batch_size, d_steps=d_steps,
-              ema_decay=ema_decay, eval_every=eval_every, fid_samples=fid_samples, fid_features=fid_features,
-              inception_weights=inception_weights, seed=seed, device=device)
+              kd_weight=kd_weight, channels=channels, head_dim=head_dim, iterations=iterations, batch_size=batch_size,
+              d_steps=d_steps, ema_decay=ema_decay, eval_every=eval_every, fid_samples=fid_samples,
+              fid_features=fid_features, inception_weights=inception_weights, seed=seed, device=device)
 configs = {}
 for fraction in fractions:
     for spec in methods:
@@ -103,8 +104,9 @@ print(f"real test images: within-class spread {first['real_spread']:.2f} ({first
 # %%
 rows = [{"method": spec, "fraction": fraction, "best_fid": round(s["best_fid"], 3), "last_fid": round(s["last_fid"], 3),
          "spread_ratio": round(spread_ratio[spec, fraction], 3),
-         "iterations": s["iterations"], "fid_samples": s["fid_samples"], "seed": s["seed"],
-         "wall_seconds": round(s["wall_seconds"]), "device": s["device"], "profile": profile}
+         "kd_weight": s["config"]["kd_weight"] if s["teacher"] else None, "teacher": s["teacher"],
+         "channels": s["config"]["channels"], "iterations": s["iterations"], "fid_samples": s["fid_samples"],
+         "seed": s["seed"], "wall_seconds": round(s["wall_seconds"]), "device": s["device"], "profile": profile}
         for (spec, fraction), s in summaries.items()]
 table = pd.DataFrame(rows)
 paper = paper_fid()
@@ -112,7 +114,7 @@ paper = paper[paper.dataset == dataset.removesuffix("-jpeg")][["method", "fracti
 table = table.merge(paper.rename(columns={"fid": "paper_inception_fid"}), on=["method", "fraction"], how="left")
 table["fid_feature_space"] = feature_space
 table.to_csv(figures / "06_gan_fid.csv", index=False)
-render_table(table.drop(columns=["fid_feature_space", "device"]), figures / "06_gan_fid.png",
+render_table(table.drop(columns=["fid_feature_space", "device", "teacher"]), figures / "06_gan_fid.png",
              title=f"FID ({feature_space}); paper: Inception FID")
 table
 

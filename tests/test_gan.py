@@ -28,6 +28,7 @@ from vkd.gan import (
     train_gan,
 )
 from vkd.gan.augment import cutout, translation
+from vkd.gan.train import GANTraining
 
 
 def test_translation_moves_content_by_at_most_an_eighth_and_fills_zeros():
@@ -224,3 +225,14 @@ def test_gan_config_errors(tmp_path, teacher):
         train_gan(gan_config(tmp_path, teacher, iterations=5))
     with pytest.raises(ValueError, match=r"embedding \(128-d\) is wider than the teacher's \(64-d\).*head_dim <= 64"):
         train_gan(gan_config(tmp_path, teacher, method="vkd", channels=128))
+
+
+def test_bench_gan_times_an_iteration_of_each_setup():
+    from vkd.bench import bench_gan
+
+    table = bench_gan(channels=8, batch=4, d_steps=1, teacher="resnet8", steps=1)
+    assert list(table.setup) == ["DiffAugment (da)", "vkd-layernorm", "vkd-whiten"]
+    assert (table.ms_per_iteration > 0).all() and table.time_vs_da[0] == 1
+    with pytest.raises(ValueError, match="method 'da' takes no teacher"):
+        GANTraining(GANConfig(method="da"), torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1), 10,
+                    _pixels_as_features(), torch.device("cpu"))

@@ -194,3 +194,38 @@ def bench_deit(student: str = "deit_tiny_distilled_patch16_224", teacher: str = 
                           "time_vs_student_alone": s / seconds[names[0]],
                           "time_vs_previous_row": s / seconds[names[max(0, i - 1)]]}
                          for i, (name, s) in enumerate(seconds.items())])
+
+
+def bench_gan(channels: int = 32, batch: int = 32, d_steps: int = 2, teacher: str = "resnet20",
+              norms: Iterable[str] = ("layernorm", "whiten"), steps: int = 10, num_classes: int = 10,
+              device: str = "cpu", seed: int = 0) -> pd.DataFrame:
+    """One data-limited GAN iteration (``d_steps`` discriminator updates and one generator update, with
+    DiffAugment; vkd.gan.GANTraining, as train_gan runs it) on random images: the DiffAugment baseline, and
+    VkD with each teacher normalisation in ``norms``.  The teacher is an untrained ``teacher`` classifier's
+    pooled features (the cost of a trained one).  Defaults: notebook 06's quick profile."""
+    import timm
+
+    from .data import stats
+    from .gan import GANConfig, ImageEmbedding
+    from .gan.train import GANTraining
+
+    torch.manual_seed(seed)
+    device = resolve_device(device)
+    gpu = device.type == "cuda"
+    torch.backends.cudnn.benchmark = gpu
+    encoder = timm.create_model(teacher, num_classes=0)
+    embedding = ImageEmbedding(encoder, encoder.num_features, *stats("cifar10"), name=teacher).to(device)
+    images = torch.randint(0, 256, (8 * batch, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, num_classes, (8 * batch,), device=device)
+    setups = {"DiffAugment (da)": GANConfig(method="da", channels=channels, batch_size=batch, d_steps=d_steps)}
+    setups.update({f"vkd-{norm}": GANConfig(method="vkd", norm=norm, channels=channels, batch_size=batch,
+                                            d_steps=d_steps) for norm in norms})
+    steps_by_name = {}
+    for name, config in setups.items():
+        training = GANTraining(config, images, labels, num_classes, embedding if config.method == "vkd" else None,
+                               device)
+        steps_by_name[name] = synchronized(lambda t=training: t.iteration(0), device)
+    seconds = time_interleaved(steps_by_name, reps=steps, warmup=3 if gpu else 1)
+    base = seconds["DiffAugment (da)"]
+    return pd.DataFrame([{"setup": name, "ms_per_iteration": s * 1e3, "time_vs_da": s / base}
+                         for name, s in seconds.items()])

@@ -84,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     training.add_argument("--option", nargs=2, action="append", metavar=("NAME", "VALUE"),
                           help="a method option (vkd.distillers.MethodConfig field; VALUE read as YAML)")
 
+    gan = bench_kind.add_parser("gan", help="GAN iteration: DiffAugment alone vs with VkD (each normalisation)")
+    gan.add_argument("--channels", type=int, default=32)
+    gan.add_argument("--batch", type=int, default=32)
+    gan.add_argument("--d-steps", type=int, default=2)
+    gan.add_argument("--teacher", default="resnet20")
+    gan.add_argument("--steps", type=int, default=10)
+    gan.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+
     deit = bench_kind.add_parser("deit", help="DeiT step: student alone, + teacher forward and KD, + VkD")
     deit.add_argument("--student", default="deit_tiny_distilled_patch16_224")
     deit.add_argument("--teacher", default="regnety_160")
@@ -166,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
                             method_options=_parse_overrides(args.option), compile=compiled)
         print(f"training steps of {args.student} (teacher {args.teacher}), batch {args.batch}, 32 px, "
               f"compile {compiled}, {_where(args.device)}")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if args.what == "gan":
+        from .bench import bench_gan
+
+        table = bench_gan(args.channels, args.batch, args.d_steps, args.teacher, steps=args.steps, device=args.device)
+        print(f"GAN iterations ({args.d_steps} discriminator updates + 1 generator update), width {args.channels}, "
+              f"batch {args.batch}, teacher {args.teacher}, float32, {_where(args.device)}")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.what == "deit":
         from .bench import bench_deit

@@ -60,6 +60,7 @@ def render_table(table: pd.DataFrame, path: str | Path, title: str = "") -> None
     grid = ax.table(cellText=cells.to_numpy(), colLabels=list(table.columns), loc="center", cellLoc="center")
     grid.auto_set_font_size(False)
     grid.set_fontsize(8)
+    grid.auto_set_column_width(range(len(table.columns)))  # each column as wide as its longest cell
     grid.scale(1, 1.3)
     if title:
         ax.set_title(title, fontsize=10)

@@ -157,6 +157,104 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     return generator.to(device).eval()
 
 
+class GANTraining:
+    """The networks, optimisers and training iteration of a GAN run: ``d_steps`` discriminator updates,
+    then one generator update, on real images (N, 3, H, W) uint8 with labels (N,) held on ``device``.
+    ``teacher`` (method "vkd" only): the frozen embedding the discriminator's features are distilled towards."""
+
+    def __init__(self, config: GANConfig, real_images: torch.Tensor, real_labels: torch.Tensor, num_classes: int,
+                 teacher: ImageEmbedding | None, device: torch.device):
+        if (teacher is not None) != (config.method == "vkd"):
+            raise ValueError(f"method {config.method!r} {'needs' if config.method == 'vkd' else 'takes no'} teacher")
+        self.config, self.device, self.num_classes, self.teacher = config, device, num_classes, teacher
+        self.real_images, self.real_labels = real_images, real_labels
+        self.generator = Generator(num_classes, config.channels, config.z_dim).to(device)
+        self.discriminator = Discriminator(num_classes, config.channels,
+                                           config.head_dim if teacher is not None else 0).to(device)
+        self.kd_loss = None
+        if teacher is not None:
+            if self.discriminator.embedding_dim > teacher.num_features:
+                raise ValueError(f"the discriminator's embedding ({self.discriminator.embedding_dim}-d) is wider than "
+                                 f"the teacher's ({teacher.num_features}-d), which an orthogonal projector cannot map; "
+                                 f"set head_dim <= {teacher.num_features} (a linear regression head) or fewer channels")
+            self.kd_loss = VkDLoss(self.discriminator.embedding_dim, teacher.num_features, norm=config.norm,
+                                   distance=config.distance).to(device)
+        d_parameters = [*self.discriminator.parameters(), *(self.kd_loss.parameters() if self.kd_loss else [])]
+        betas = tuple(float(beta) for beta in config.betas)  # YAML may give [0, 0.999]; Adam wants floats
+        self.g_optimizer = torch.optim.Adam(self.generator.parameters(), config.lr_g, betas=betas)
+        self.d_optimizer = torch.optim.Adam(d_parameters, config.lr_d, betas=betas)
+        self.ema = ModelEmaV3(self.generator, config.ema_decay, use_warmup=True) if config.ema_decay else None
+        self.evaluated = self.ema.module if self.ema is not None else self.generator  # what FID and samples use
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
+                "kd_loss": self.kd_loss.state_dict() if self.kd_loss else None,
+                "g_optimizer": self.g_optimizer.state_dict(), "d_optimizer": self.d_optimizer.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        if self.kd_loss is not None:
+            self.kd_loss.load_state_dict(state["kd_loss"])
+        self.g_optimizer.load_state_dict(state["g_optimizer"])
+        self.d_optimizer.load_state_dict(state["d_optimizer"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
+
+    def iteration(self, step: int) -> dict[str, torch.Tensor]:
+        """One iteration (``step``: the generator updates so far, for the EMA's warm-up); returns the
+        discriminator's terms and logits averaged over its updates, and the generator's loss (detached)."""
+        self.generator.train()
+        self.discriminator.train()
+        means: dict[str, torch.Tensor] = {}
+        for _ in range(self.config.d_steps):
+            for name, value in self._discriminator_step().items():
+                means[name] = means.get(name, 0) + value.detach() / self.config.d_steps
+        means["g_loss"] = self._generator_step(step).detach()
+        return means
+
+    def _real_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.randint(len(self.real_labels), (self.config.batch_size,), device=self.device)
+        return self.real_images[index].float() / 127.5 - 1, self.real_labels[index]
+
+    def _fake_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(self.config.batch_size, self.config.z_dim, device=self.device)
+        labels = torch.randint(self.num_classes, (self.config.batch_size,), device=self.device)
+        return self.generator(z, labels), labels
+
+    def _discriminator_step(self) -> dict[str, torch.Tensor]:
+        config = self.config
+        images, labels = self._real_batch()
+        with torch.no_grad():
+            fakes, fake_labels = self._fake_batch()
+        real_aug, fake_aug = diff_augment(images, config.policy), diff_augment(fakes, config.policy)
+        real_logits, real_embedding = self.discriminator(real_aug, labels)
+        fake_logits, fake_embedding = self.discriminator(fake_aug, fake_labels)
+        terms = {"d_loss": F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()}
+        if self.kd_loss is not None:
+            terms["kd_loss"] = config.kd_weight * (self.kd_loss(real_embedding, self.teacher(real_aug))
+                                                   + self.kd_loss(fake_embedding, self.teacher(fake_aug)))
+        self.d_optimizer.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        self.d_optimizer.step()
+        if self.kd_loss is not None:
+            retract_(self.kd_loss)
+        terms.update(d_real=real_logits.mean(), d_fake=fake_logits.mean())
+        return terms
+
+    def _generator_step(self, step: int) -> torch.Tensor:
+        fakes, labels = self._fake_batch()
+        logits, _ = self.discriminator(diff_augment(fakes, self.config.policy), labels)
+        loss = -logits.mean()
+        self.g_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.g_optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.generator, step=step)
+        return loss
+
+
 def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dict:
     """Train the GAN ``config`` describes (resuming from its checkpoint; a finished run is reused).
 
@@ -178,26 +276,11 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     train_data = vdata.load_tensor_data(config.dataset, "train", config.data_root, config.download, config.progress)
     train_data = train_data.subset(vdata.stratified_indices(train_data.labels.numpy(), config.fraction, config.seed))
     test_data = fid_real_images(config)
-    real_images, real_labels = train_data.images.to(device), train_data.labels.to(device)
     num_classes = len(train_data.classes)
 
-    distill = config.method == "vkd"
-    teacher = build_teacher_embedding(config).to(device) if distill else None
-    generator = Generator(num_classes, config.channels, config.z_dim).to(device)
-    discriminator = Discriminator(num_classes, config.channels, config.head_dim if distill else 0).to(device)
-    kd_loss = None
-    if distill:
-        if discriminator.embedding_dim > teacher.num_features:
-            raise ValueError(f"the discriminator's embedding ({discriminator.embedding_dim}-d) is wider than the "
-                             f"teacher's ({teacher.num_features}-d), which an orthogonal projector cannot map; set "
-                             f"head_dim <= {teacher.num_features} (a linear regression head) or fewer channels")
-        kd_loss = VkDLoss(discriminator.embedding_dim, teacher.num_features, norm=config.norm,
-                          distance=config.distance).to(device)
-    d_parameters = [*discriminator.parameters(), *(kd_loss.parameters() if distill else [])]
-    betas = tuple(float(beta) for beta in config.betas)  # YAML may give [0, 0.999]; Adam wants floats
-    g_optimizer = torch.optim.Adam(generator.parameters(), config.lr_g, betas=betas)
-    d_optimizer = torch.optim.Adam(d_parameters, config.lr_d, betas=betas)
-    ema = ModelEmaV3(generator, config.ema_decay, use_warmup=True) if config.ema_decay else None
+    teacher = build_teacher_embedding(config).to(device) if config.method == "vkd" else None
+    training = GANTraining(config, train_data.images.to(device), train_data.labels.to(device), num_classes, teacher,
+                           device)
     embedding = evaluation_embedding(config, teacher)  # None: Inception's (inside torchmetrics)
     fid = FID(embedding.to(device) if embedding else "inception", config.inception_weights, device)
     fid.add_real(test_data.images.split(500))
@@ -207,69 +290,19 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         config.refuse_other_settings(state["config"], checkpoint_path)
-        generator.load_state_dict(state["generator"])
-        discriminator.load_state_dict(state["discriminator"])
-        if distill:
-            kd_loss.load_state_dict(state["kd_loss"])
-        g_optimizer.load_state_dict(state["g_optimizer"])
-        d_optimizer.load_state_dict(state["d_optimizer"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
+        training.load_state_dict(state)
         set_rng_state(state["rng"], device)
         rows, iteration, elapsed = state["metrics"], state["iteration"], state["elapsed"]
 
-    def real_batch():
-        index = torch.randint(len(real_labels), (config.batch_size,), device=device)
-        return real_images[index].float() / 127.5 - 1, real_labels[index]
-
-    def fake_batch():
-        z = torch.randn(config.batch_size, config.z_dim, device=device)
-        labels = torch.randint(num_classes, (config.batch_size,), device=device)
-        return generator(z, labels), labels
-
-    def discriminator_step() -> dict[str, torch.Tensor]:
-        images, labels = real_batch()
-        with torch.no_grad():
-            fakes, fake_labels = fake_batch()
-        real_aug, fake_aug = diff_augment(images, config.policy), diff_augment(fakes, config.policy)
-        real_logits, real_embedding = discriminator(real_aug, labels)
-        fake_logits, fake_embedding = discriminator(fake_aug, fake_labels)
-        terms = {"d_loss": F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()}
-        if distill:
-            terms["kd_loss"] = config.kd_weight * (kd_loss(real_embedding, teacher(real_aug))
-                                                   + kd_loss(fake_embedding, teacher(fake_aug)))
-        d_optimizer.zero_grad(set_to_none=True)
-        sum(terms.values()).backward()
-        d_optimizer.step()
-        if distill:
-            retract_(kd_loss)
-        terms.update(d_real=real_logits.mean(), d_fake=fake_logits.mean())
-        return terms
-
-    def generator_step() -> torch.Tensor:
-        fakes, labels = fake_batch()
-        logits, _ = discriminator(diff_augment(fakes, config.policy), labels)
-        loss = -logits.mean()
-        g_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        g_optimizer.step()
-        if ema is not None:
-            ema.update(generator, step=iteration)
-        return loss
-
-    evaluated = ema.module if ema is not None else generator
+    evaluated = training.evaluated
     bar = tqdm(total=config.iterations, initial=iteration, desc=config.name, disable=not config.progress,
                mininterval=5)
     while iteration < config.iterations:
         start = time.perf_counter()
-        generator.train()
-        discriminator.train()
         sums: dict[str, torch.Tensor] = {}
         for _ in range(config.eval_every):
-            for _ in range(config.d_steps):
-                for name, value in discriminator_step().items():
-                    sums[name] = sums.get(name, 0) + value.detach() / config.d_steps
-            sums["g_loss"] = sums.get("g_loss", 0) + generator_step().detach()
+            for name, value in training.iteration(iteration).items():
+                sums[name] = sums.get(name, 0) + value
             iteration += 1
             bar.update()
         means = {name: (value / config.eval_every).item() for name, value in sums.items()}
@@ -285,10 +318,7 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
         elapsed += seconds
         rows.append({"iteration": iteration, **means, "fid": score, "seconds": seconds})
         pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
-        save_atomic({"iteration": iteration, "config": asdict(config), "generator": generator.state_dict(),
-                     "discriminator": discriminator.state_dict(),
-                     "kd_loss": kd_loss.state_dict() if distill else None, "g_optimizer": g_optimizer.state_dict(),
-                     "d_optimizer": d_optimizer.state_dict(), "ema": ema.module.state_dict() if ema else None,
+        save_atomic({"iteration": iteration, "config": asdict(config), **training.state_dict(),
                      "rng": rng_state(device), "metrics": rows, "elapsed": elapsed}, checkpoint_path)
         if stop_after_iteration is not None and iteration >= stop_after_iteration and iteration < config.iterations:
             bar.close()
@@ -300,7 +330,7 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     spread = within_class_spread(config, evaluated, _spread_embedding(config, embedding, teacher, device),
                                  test_data, device)
     summary = {
-        "name": config.name, "method": config.method, "norm": config.norm if distill else None,
+        "name": config.name, "method": config.method, "norm": config.norm if teacher is not None else None,
         "dataset": config.dataset, "fraction": config.fraction, "iterations": config.iterations, "seed": config.seed,
         "best_fid": min(fids), "best_iteration": rows[fids.index(min(fids))]["iteration"], "last_fid": fids[-1],
         "fid_feature_space": fid.feature_space, "fid_samples": len(test_data.labels),

@@ -41,7 +41,7 @@ teacher_sha256: str = "53ec9c1e6acac852e232049cb2e70120168a40ecb87fac59f196ebf98
 distance: str = "mse"  # distance of the distillation term
 kd_weight: float = 1.0
 channels: int = 256  # generator / discriminator width (BigGAN CIFAR: 256)
-head_dim: int = 0  # VkD: 0 projects D's pooled features (channels <= teacher width); >0 a linear regression head
+head_dim: int = 0  # VkD: 0 projects D's pooled features (at most as wide as the teacher); >0 a linear head first
 iterations: int = 100_000  # generator updates
 batch_size: int = 50
 d_steps: int = 4  # discriminator updates per generator update
@@ -67,15 +67,18 @@ from vkd.results import paper_fid, render_table
 
 figures = output_dir(figures_dir)
 common = dict(out_dir=runs_dir, dataset=dataset, download=download, teacher=teacher,
-              teacher_checkpoint=teacher_checkpoint, teacher_sha256=teacher_sha256 or None, distance=distance,
-              kd_weight=kd_weight, channels=channels, head_dim=head_dim, iterations=iterations, batch_size=batch_size,
-              d_steps=d_steps, ema_decay=ema_decay, eval_every=eval_every, fid_samples=fid_samples,
-              fid_features=fid_features, inception_weights=inception_weights, seed=seed, device=device)
+              teacher_checkpoint=teacher_checkpoint, teacher_sha256=teacher_sha256 or None, channels=channels,
+              iterations=iterations, batch_size=batch_size, d_steps=d_steps, ema_decay=ema_decay,
+              eval_every=eval_every, fid_samples=fid_samples, fid_features=fid_features,
+              inception_weights=inception_weights, seed=seed, device=device)
+# VkD runs only: a DA run is the same run (and run folder) whatever the distillation settings are
+distillation = dict(kd_weight=kd_weight, distance=distance, head_dim=head_dim)
 configs = {}
 for fraction in fractions:
     for spec in methods:
         method, _, norm = spec.partition("-")
-        config = GANConfig(fraction=fraction, method=method, **({"norm": norm} if norm else {}), **common)
+        config = GANConfig(fraction=fraction, method=method, **({"norm": norm} if norm else {}), **common,
+                           **(distillation if method == "vkd" else {}))
         configs[spec, fraction] = config.named(f"{spec}-{int(fraction * 100)}pct")
 summaries = dict(zip(configs, train_many(list(configs.values()), parallel), strict=True))
 curves = []

@@ -745,7 +745,7 @@ def train_many(configs: list[RunConfig], processes: int = 1) -> list[dict]:
     bar.close()
     if failed:
         raise RuntimeError("training failed for " + "\n  ".join(failed))
-    return [finished_summary(config) for config in configs]
+    return [config.run() for config in configs]  # finished: their summaries (completed where a kind needs it)
 
 
 def _child_env(processes: int) -> dict:

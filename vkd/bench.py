@@ -203,18 +203,14 @@ def bench_gan(channels: int = 32, batch: int = 32, d_steps: int = 2, teacher: st
     DiffAugment; vkd.gan.GANTraining, as train_gan runs it) on random images: the DiffAugment baseline, and
     VkD with each teacher normalisation in ``norms``.  The teacher is an untrained ``teacher`` classifier's
     pooled features (the cost of a trained one).  Defaults: notebook 06's quick profile."""
-    import timm
-
-    from .data import stats
-    from .gan import GANConfig, ImageEmbedding
+    from .gan import GANConfig, classifier_embedding
     from .gan.train import GANTraining
 
     torch.manual_seed(seed)
     device = resolve_device(device)
     gpu = device.type == "cuda"
     torch.backends.cudnn.benchmark = gpu
-    encoder = timm.create_model(teacher, num_classes=0)
-    embedding = ImageEmbedding(encoder, encoder.num_features, *stats("cifar10"), name=teacher).to(device)
+    embedding = classifier_embedding(teacher, checkpoint=None).to(device)
     images = torch.randint(0, 256, (8 * batch, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, num_classes, (8 * batch,), device=device)
     setups = {"DiffAugment (da)": GANConfig(method="da", channels=channels, batch_size=batch, d_steps=d_steps)}

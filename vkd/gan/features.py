@@ -50,14 +50,17 @@ class ImageEmbedding(nn.Module):
         return self.encoder((x - self.mean) / self.std).float()
 
 
-def classifier_embedding(arch: str, checkpoint: str, sha256: str | None = None,
+def classifier_embedding(arch: str, checkpoint: str | None, sha256: str | None = None,
                          dataset: str = "cifar10-jpeg") -> ImageEmbedding:
-    """The pooled penultimate features (B, num_features) of a trained ``arch`` (timm name); ``dataset``
-    names the input normalisation it was trained with."""
+    """The pooled penultimate features (B, num_features) of ``arch`` (timm name) with the weights of
+    ``checkpoint`` (None: untrained, for benchmarks); ``dataset`` names the input normalisation it was
+    trained with."""
     model = timm.create_model(arch, num_classes=0)  # no classifier: forward ends at the pooled features
-    load_weights(model, checkpoint, sha256, strict=False)  # the checkpoint's classifier is ignored
+    if checkpoint is not None:
+        load_weights(model, checkpoint, sha256, strict=False)  # the checkpoint's classifier is ignored
     mean, std = vdata.stats(dataset)
-    return ImageEmbedding(model, model.num_features, mean, std, name=f"{arch} ({resolve(checkpoint).name}) pool")
+    weights = resolve(checkpoint).name if checkpoint is not None else "untrained"
+    return ImageEmbedding(model, model.num_features, mean, std, name=f"{arch} ({weights}) pool")
 
 
 def clip_embedding(weights: str, model_name: str = "ViT-B-32", sha256: str | None = None) -> ImageEmbedding:

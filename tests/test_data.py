@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vkd import data
-from vkd.paths import save_atomic
+from vkd.paths import save_atomic, save_json_atomic, write_atomic
 
 
 def test_archive_is_extracted_once_and_decoded_to_tensors(tmp_path, monkeypatch, tiny_archive):
@@ -130,3 +130,17 @@ def test_processes_writing_one_cache_at_once_leave_a_whole_file(tmp_path):
     values = torch.load(path)["values"]
     assert torch.equal(values - values[0], torch.arange(10_000))
     assert [f.name for f in tmp_path.iterdir()] == ["cache.pt"]  # no temporary file left behind
+
+
+def test_an_interrupted_write_keeps_the_previous_file_whole(tmp_path):
+    path = tmp_path / "summary.json"  # e.g. Ctrl-C while a run writes its summary
+    save_json_atomic({"best_acc": 50.0}, path)
+
+    def interrupted(partial):
+        partial.write_text('{"best_acc": 6')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, interrupted)
+    assert path.read_text() == '{\n  "best_acc": 50.0\n}'
+    assert [f.name for f in tmp_path.iterdir()] == ["summary.json"]  # the partial file is removed

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import data as vdata
 from .distillers import Distiller, MethodConfig
-from .paths import progress_default, project_root, resolve, save_atomic
+from .paths import progress_default, project_root, resolve, save_atomic, save_json_atomic, write_atomic
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -625,7 +625,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
             record_probe(epoch + 1, step)
         rng = _gather(rng_state(device), processes)
         if processes.main:
-            pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
+            write_atomic(run_dir / "metrics.csv", lambda partial: pd.DataFrame(rows).to_csv(partial, index=False))
             save_atomic({"epoch": epoch + 1, "config": asdict(config), "student": distiller.student.state_dict(),
                           "losses": distiller.losses.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "rng": rng, "world_size": processes.world,
@@ -650,7 +650,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         save_atomic({"model": distiller.student.state_dict(), "arch": config.student, "num_classes": num_classes,
                       "options": config.student_options, "ema": ema.module.state_dict() if ema is not None else None},
                      run_dir / "model.pt")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        save_json_atomic(summary, run_dir / "summary.json")
     processes.barrier()
     return json.loads(json.dumps(summary))  # as a later call reusing the run reads it back
 

@@ -3,7 +3,9 @@ into them safely, and the environment switch for progress bars."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,9 +44,22 @@ def output_dir(path: str | Path) -> Path:
     return folder
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file of this process, then rename: ``path`` always holds a whole file
-    (old or new), also when several processes write it at once."""
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(partial)`` into a temporary file of this process, then rename it to ``path``: ``path`` always
+    holds a whole file (old or new), also when the writer is interrupted or several processes write at once."""
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, partial)
-    os.replace(partial, path)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save(obj, path)`` through :func:`write_atomic`."""
+    write_atomic(path, lambda partial: torch.save(obj, partial))
+
+
+def save_json_atomic(obj, path: Path) -> None:
+    """``obj`` as indented JSON in ``path``, through :func:`write_atomic` (run summaries)."""
+    write_atomic(path, lambda partial: partial.write_text(json.dumps(obj, indent=2)))

@@ -45,7 +45,7 @@ from ..engine import (
     set_rng_state,
 )
 from ..losses import VkDLoss
-from ..paths import progress_default, resolve, save_atomic
+from ..paths import progress_default, resolve, save_atomic, save_json_atomic, write_atomic
 from ..projectors import retract_
 from .augment import DIFFAUGMENT_POLICY, diff_augment
 from .features import ImageEmbedding, classifier_embedding, clip_embedding
@@ -317,7 +317,7 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
         seconds = time.perf_counter() - start
         elapsed += seconds
         rows.append({"iteration": iteration, **means, "fid": score, "seconds": seconds})
-        pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
+        write_atomic(run_dir / "metrics.csv", lambda partial: pd.DataFrame(rows).to_csv(partial, index=False))
         save_atomic({"iteration": iteration, "config": asdict(config), **training.state_dict(),
                      "rng": rng_state(device), "metrics": rows, "elapsed": elapsed}, checkpoint_path)
         if stop_after_iteration is not None and iteration >= stop_after_iteration and iteration < config.iterations:
@@ -339,7 +339,7 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     }
     save_atomic({"generator": evaluated.state_dict(), "num_classes": num_classes, "channels": config.channels,
                  "z_dim": config.z_dim}, run_dir / "generator.pt")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_json_atomic(summary, run_dir / "summary.json")
     return json.loads(json.dumps(summary))
 
 
@@ -356,5 +356,5 @@ def _add_spread(config: GANConfig, summary: dict) -> dict:
     generator = load_generator(config.run_dir() / "generator.pt", device)
     embedding = _spread_embedding(config, evaluation_embedding(config), None, device)
     summary.update(within_class_spread(config, generator, embedding, fid_real_images(config), device))
-    (config.run_dir() / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_json_atomic(summary, config.run_dir() / "summary.json")
     return summary

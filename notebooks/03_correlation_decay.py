@@ -25,6 +25,10 @@
 # `matched` -- mean |Pearson correlation| between input dimension i and output dimension i;
 # `cka` -- linear CKA between the input and output batches. `measure` picks the one plotted first.
 # Every run is VkD (teacher layer norm, smooth-L1) with only the projector changed.
+#
+# **Paper A's t-SNE figure**: the student's features after an orthogonal and after a linear projection.
+# At the end we map the probe images' projected features with t-SNE and measure how well the classes
+# separate in each space (leave-one-out k-NN accuracy, `vkd.analysis.knn_accuracy`).
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # smoke / quick / full: which profile filled these values
@@ -44,6 +48,8 @@ measure: str = "matched"  # matched | cka: the correlation plotted first
 probe_images: int = 512  # fixed test images on which the correlation is measured
 probe_every: int = 20  # optimiser steps between correlation measurements
 smoothing: int = 5  # moving-average window (in measurements) of the plotted curves
+tsne_projectors: list = ["linear", "orthogonal"]  # projectors whose projected features get a t-SNE panel
+knn: int = 5  # neighbours of the k-NN accuracy that measures class separation in a feature space
 epochs: int = 240
 batch_size: int = 64
 lr: float = 0.05
@@ -55,9 +61,10 @@ device: str = "auto"
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
+import torch
 
 from vkd import analysis, data
-from vkd.engine import TrainConfig, train, train_teacher
+from vkd.engine import TrainConfig, load_distiller, train, train_teacher
 from vkd.paths import output_dir
 
 figures = output_dir(figures_dir)
@@ -67,7 +74,7 @@ common = dict(dataset=dataset, download=download, fraction=fraction, test_fracti
 teacher_weights, _ = train_teacher(teacher, teacher_epochs, teacher_checkpoint, out_dir=f"{teachers_dir}/{tag}",
                                    **common)
 
-probe_batch, _ = data.test_batch(dataset, probe_images, seed, download=download)
+probe_batch, probe_labels = data.test_batch(dataset, probe_images, seed, download=download)
 
 
 # %%
@@ -76,14 +83,14 @@ def correlation(distiller) -> dict:
     return {name: fn(inputs, outputs) for name, fn in analysis.CORRELATIONS.items()}
 
 
-summaries, curves, accuracy = {}, [], []
+summaries, configs, curves, accuracy = {}, {}, [], []
 for spec in projectors:
     kind, _, hidden = spec.partition("-")
     options = {"vkd_projector": kind, **({"vkd_hidden": int(hidden)} if hidden else {})}
     config = TrainConfig(student=student, method="vkd", epochs=epochs, teacher=teacher,
                          teacher_checkpoint=teacher_weights, method_options=options,
                          teacher_cache_views=teacher_cache_views, out_dir=f"{runs_dir}/{tag}", **common)
-    config = config.named(f"{spec}-{student}")
+    configs[spec] = config = config.named(f"{spec}-{student}")
     summaries[spec] = train(config, probe=correlation, probe_every=probe_every)
     run = config.run_dir()
     curves.append(pd.read_json(run / "probes.json").assign(projector=spec))
@@ -121,9 +128,45 @@ table.to_csv(figures / "03_projector_ablation.csv", index=False)
 table
 
 # %% [markdown]
+# ## Feature geometry after the projection (paper A's t-SNE figure)
+# Each trained student's pooled features on the probe images, before and after its projector, and the
+# teacher's: class separation as k-NN accuracy in each space (the orthogonal projector keeps every
+# distance of the student, so its two numbers agree by construction), and t-SNE maps of the projected
+# features next to the teacher's.
+
+# %%
+with torch.no_grad():
+    spaces = {spec: load_distiller(config).projector_io(probe_batch, "vkd") for spec, config in configs.items()}
+    teacher_features = load_distiller(next(iter(configs.values()))).teacher_outputs(probe_batch, pooled=True)[0]
+geometry = pd.DataFrame({
+    "projector": list(spaces),
+    "knn_student": [analysis.knn_accuracy(inputs, probe_labels, knn) for inputs, _ in spaces.values()],
+    "knn_projected": [analysis.knn_accuracy(outputs, probe_labels, knn) for _, outputs in spaces.values()],
+    "knn_teacher": analysis.knn_accuracy(teacher_features, probe_labels, knn), "k": knn,
+    "probe_images": len(probe_labels), "epochs": epochs, "fraction": fraction, "seed": seed,
+    "device": next(iter(summaries.values()))["device"], "profile": profile})
+geometry = geometry.round({"knn_student": 2, "knn_projected": 2, "knn_teacher": 2})
+geometry.to_csv(figures / "03_feature_geometry.csv", index=False)
+
+class_names = data.load_tensor_data(dataset, "test", download=download).classes
+panels = {"teacher": teacher_features, **{f"{p} projection": spaces[p][1] for p in tsne_projectors if p in spaces}}
+fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+for ax, (title, features) in zip(axes[0], panels.items(), strict=True):
+    xy = analysis.tsne(features, seed)
+    sns.scatterplot(x=xy[:, 0], y=xy[:, 1], hue=[class_names[i] for i in probe_labels], hue_order=class_names,
+                    palette="tab10", s=8, linewidth=0, ax=ax, legend=ax is axes[0, -1] and len(class_names) <= 10)
+    ax.set(title=title, xticks=[], yticks=[], xlabel="", ylabel="")
+if axes[0, -1].get_legend() is not None:
+    axes[0, -1].legend(title="class", bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=7)
+fig.suptitle(f"t-SNE of {len(probe_labels)} test images' features, {student} ← {teacher} (VkD loss)", y=1.03)
+fig.savefig(figures / "03_feature_tsne.png", dpi=120, bbox_inches="tight")
+geometry
+
+# %% [markdown]
 # ## Paper vs. this run
-# Printed from the table: does the correlation decay, is the linear projector's final correlation
-# above the MLPs', and does the orthogonal projector end with the best accuracy?
+# Printed from the tables: does the correlation decay, is the linear projector's final correlation
+# above the MLPs', does the orthogonal projector end with the best accuracy, and in which student's
+# feature space do the classes separate best?
 
 # %%
 t = table.set_index("projector")
@@ -133,3 +176,6 @@ if "linear" in t.index and mlps:
     above = all(t.loc["linear", f"end_{measure}"] > t.loc[m, f"end_{measure}"] for m in mlps)
     print(f"linear ends above every MLP ({measure}): {above} (paper: yes)")
 print(f"best final accuracy: {t.last_top1.idxmax()} (paper A: orthogonal)")
+g = geometry.set_index("projector")
+print(f"classes separate best (k-NN on the student's own features) after training with: {g.knn_student.idxmax()} "
+      f"({g.knn_student.max():.1f} %; teacher {g.knn_teacher.iloc[0]:.1f} %)")

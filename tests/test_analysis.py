@@ -79,3 +79,29 @@ def test_feature_grid_and_cls_maps_of_a_vit():
     assert analysis.cls_attention(maps).shape == (2, 3, 8, 8)
     rollout = analysis.rollout_cls_map(maps)
     torch.testing.assert_close(rollout.sum((1, 2)), torch.ones(2, dtype=rollout.dtype))
+
+
+def test_knn_accuracy_by_hand_and_under_an_orthogonal_projection():
+    points = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0], [5.9]])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    # 1-NN: 0->1, 1->0 or 2, 2->1, 10->11, 11->10, 5.9->2 (wrong): 5 of 6
+    assert analysis.knn_accuracy(points, labels, k=1) == pytest.approx(500 / 6)
+    torch.manual_seed(0)
+    features, labels = torch.randn(300, 16), torch.randint(0, 3, (300,))
+    features += 2 * nn.functional.one_hot(labels, 16).float()  # classes shifted apart along 3 axes
+    projection = torch.linalg.qr(torch.randn(64, 16))[0]  # orthonormal columns: 16 -> 64
+    accuracy = analysis.knn_accuracy(features, labels)
+    assert 60 < accuracy < 100
+    assert analysis.knn_accuracy(3 * features @ projection.T, labels) == pytest.approx(accuracy)
+    with pytest.raises(ValueError, match="k must be"):
+        analysis.knn_accuracy(features[:4], labels[:4], k=4)
+
+
+def test_tsne_keeps_separated_clusters_apart_and_is_seeded():
+    torch.manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(40)
+    features = torch.randn(120, 50) + 20 * nn.functional.one_hot(labels, 50).float()
+    embedding = analysis.tsne(features, seed=1)
+    assert embedding.shape == (120, 2)
+    assert analysis.knn_accuracy(embedding, labels) == 100.0
+    torch.testing.assert_close(analysis.tsne(features, seed=1), embedding)

@@ -15,6 +15,7 @@ from vkd.engine import (
     compile_options,
     export_weights,
     git_revision,
+    load_distiller,
     load_weights,
     train,
     train_many,
@@ -45,6 +46,23 @@ def test_resumed_run_equals_uninterrupted_run(data_root, tmp_path):
     metrics_a = pd.read_csv(tmp_path / "runs/full/metrics.csv").drop(columns="epoch_seconds")
     metrics_b = pd.read_csv(tmp_path / "runs/split/metrics.csv").drop(columns="epoch_seconds")
     pd.testing.assert_frame_equal(metrics_a, metrics_b)
+
+
+def test_load_distiller_gives_back_the_trained_student_and_projector(data_root, tmp_path):
+    train(config(data_root, tmp_path, name="teacher", epochs=1))
+    run = config(data_root, tmp_path, name="vkd", method="vkd", epochs=2, teacher="resnet8",
+                 teacher_checkpoint=str(tmp_path / "runs/teacher/model.pt"))
+    with pytest.raises(FileNotFoundError, match="train\\(config\\) first"):
+        load_distiller(run)
+    images = torch.rand(8, 3, 32, 32)
+    train(run, probe=lambda d: {"projected": d.projector_io(images, "vkd")[1].tolist()})
+    distiller = load_distiller(run)
+    assert not distiller.training and distiller.teacher is not None
+    last_probe = json.loads((run.run_dir() / "probes.json").read_text())[-1]["projected"]
+    with torch.no_grad():
+        torch.testing.assert_close(distiller.projector_io(images, "vkd")[1], torch.tensor(last_probe))
+    final = torch.load(run.run_dir() / "model.pt")["model"]
+    assert all(torch.equal(final[k], v) for k, v in distiller.student.state_dict().items())
 
 
 def test_every_method_distils_from_a_trained_teacher(data_root, tmp_path):

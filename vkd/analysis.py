@@ -1,5 +1,6 @@
 """Analyses of the projector and of the student: singular-value spectra, input-output correlation,
-linear CKA, attention maps and rollout, translational equivariance.
+linear CKA, nearest-neighbour class separation and t-SNE of feature spaces, attention maps and rollout,
+translational equivariance.
 
 Measures the papers leave undefined are defined here and named in each function's docstring.
 """
@@ -54,6 +55,31 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 CORRELATIONS = {"matched": matched_correlation, "cka": linear_cka}
+
+
+def knn_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
+    """Leave-one-out k-nearest-neighbour accuracy (%) of (B, d) features with (B,) class labels:
+    each sample takes the majority class of its k nearest others (Euclidean; a tie goes to the lowest
+    class index).  How well the classes separate in a feature space; unchanged by an orthogonal
+    projection or an isotropic scaling of the features."""
+    if not 0 < k < len(labels):
+        raise ValueError(f"k must be in [1, {len(labels) - 1}] for {len(labels)} samples, got {k}")
+    x = features.detach().double().cpu()
+    labels = labels.cpu()
+    distances = torch.cdist(x, x).fill_diagonal_(float("inf"))
+    neighbours = labels[distances.topk(k, largest=False).indices]
+    votes = torch.nn.functional.one_hot(neighbours, int(labels.max()) + 1).sum(1)
+    return float((votes.argmax(1) == labels).double().mean() * 100)
+
+
+def tsne(features: torch.Tensor, seed: int = 0, perplexity: float = 30.0) -> torch.Tensor:
+    """2-d t-SNE embedding (scikit-learn, PCA initialisation) of (B, d) features -> (B, 2); the same
+    ``seed`` gives the same embedding.  The perplexity is capped at (B - 1) / 3 for small batches."""
+    from sklearn.manifold import TSNE
+
+    x = features.detach().double().cpu().numpy()
+    embedding = TSNE(2, perplexity=min(perplexity, (len(x) - 1) / 3), init="pca", random_state=seed).fit_transform(x)
+    return torch.from_numpy(embedding)
 
 
 def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:

@@ -308,6 +308,28 @@ def build_teacher(config: TrainConfig, num_classes: int) -> tuple[nn.Module | No
     return teacher, load_weights(teacher, config.teacher_checkpoint, config.teacher_sha256)
 
 
+def build_distiller(config: TrainConfig, num_classes: int) -> tuple[Distiller, str | None]:
+    """A new student (timm, ``num_classes`` outputs), ``config``'s frozen teacher and the method's loss
+    modules, on the CPU; and the teacher checkpoint's sha256 (None without a teacher file)."""
+    options = {**config.student_options, **({"drop_path_rate": config.drop_path} if config.drop_path else {})}
+    student = timm.create_model(config.student, num_classes=num_classes, **options)
+    teacher, teacher_digest = build_teacher(config, num_classes)
+    return Distiller(student, teacher, MethodConfig.for_method(config.method, **config.method_options)), teacher_digest
+
+
+def load_distiller(config: TrainConfig) -> Distiller:
+    """The finished run ``config`` names, on the CPU in eval mode: its student and loss modules (projectors)
+    as its last epoch left them, with its frozen teacher -- for analyses of trained projectors."""
+    if finished_summary(config) is None:
+        raise FileNotFoundError(f"no finished run with these settings in {config.run_dir()}; train(config) first")
+    final = torch.load(config.run_dir() / "model.pt", map_location="cpu", weights_only=False)
+    state = torch.load(config.run_dir() / "checkpoint.pt", map_location="cpu", weights_only=False)
+    distiller, _ = build_distiller(config, final["num_classes"])
+    distiller.student.load_state_dict(state["student"])
+    distiller.losses.load_state_dict(state["losses"])
+    return distiller.eval()
+
+
 @dataclass(frozen=True)
 class Processes:
     """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
@@ -499,10 +521,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     train_loader, test_loader, num_classes = _loaders(config, device, processes)
     if processes.main:
         processes.barrier()
-    options = {**config.student_options, **({"drop_path_rate": config.drop_path} if config.drop_path else {})}
-    student = timm.create_model(config.student, num_classes=num_classes, **options)
-    teacher, teacher_digest = build_teacher(config, num_classes)
-    distiller = Distiller(student, teacher, MethodConfig.for_method(config.method, **config.method_options))
+    distiller, teacher_digest = build_distiller(config, num_classes)
     distiller.to(device)
     if device.type == "cuda" and config.channels_last:
         distiller.to(memory_format=torch.channels_last)
@@ -519,7 +538,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
                                     weight_decay=config.weight_decay, momentum=config.momentum)
     scheduler = _scheduler(config, optimizer)
     cache = None  # pooled features only: FitNet's hint needs the teacher's maps, so it runs the teacher
-    if config.teacher_cache_views and teacher is not None and "fitnet" not in distiller.losses:
+    if config.teacher_cache_views and distiller.teacher is not None and "fitnet" not in distiller.losses:
         if config.dataset == "imagefolder" or config.mixup or config.cutmix:
             raise ValueError("teacher_cache_views needs augmentations that can be replayed (the CIFAR tensor "
                              "loader, without mixup / cutmix); set it to 0")

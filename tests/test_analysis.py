@@ -105,3 +105,27 @@ def test_tsne_keeps_separated_clusters_apart_and_is_seeded():
     assert embedding.shape == (120, 2)
     assert analysis.knn_accuracy(embedding, labels) == 100.0
     torch.testing.assert_close(analysis.tsne(features, seed=1), embedding)
+
+
+def test_filter_normalised_direction_matches_each_filter_norm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(5, 2))
+    direction = analysis.filter_normalised_direction(model, seed=3)
+    conv = model[0].weight.detach()
+    torch.testing.assert_close(direction["0.weight"].flatten(1).norm(dim=1), conv.flatten(1).norm(dim=1))
+    assert not direction["0.weight"].equal(conv)
+    assert all(not direction[k].any() for k in ("0.bias", "1.weight", "1.bias", "2.bias"))
+    torch.testing.assert_close(analysis.filter_normalised_direction(model, seed=3)["2.weight"], direction["2.weight"])
+
+
+def test_loss_surface_of_a_quadratic_equals_its_closed_form_and_restores_the_weights():
+    model = nn.Linear(3, 2, bias=False)
+    weights = model.weight.detach().clone()
+    d1, d2 = {"weight": torch.randn(2, 3)}, {"weight": torch.randn(2, 3)}
+    grids = analysis.loss_surface(model, lambda m: {"square": m.weight.square().sum()}, (d1, d2), radius=2.0, steps=5)
+    offsets = torch.linspace(-2, 2, 5)
+    expected = torch.tensor([[(weights + a * d1["weight"] + b * d2["weight"]).square().sum() for b in offsets]
+                             for a in offsets], dtype=torch.float64)
+    torch.testing.assert_close(grids["square"], expected)
+    assert torch.equal(model.weight, weights)
+    bowl = offsets.square()[:, None] + offsets.square()[None, :] + 1.0  # centre 1, border mean 104 / 16 = 6.5
+    assert analysis.relative_rise(bowl.double()) == pytest.approx(5.5)

@@ -1,6 +1,6 @@
 """Analyses of the projector and of the student: singular-value spectra, input-output correlation,
-linear CKA, nearest-neighbour class separation and t-SNE of feature spaces, attention maps and rollout,
-translational equivariance.
+linear CKA, nearest-neighbour class separation and t-SNE of feature spaces, loss surfaces along random
+filter-normalised directions, attention maps and rollout, translational equivariance.
 
 Measures the papers leave undefined are defined here and named in each function's docstring.
 """
@@ -80,6 +80,56 @@ def tsne(features: torch.Tensor, seed: int = 0, perplexity: float = 30.0) -> tor
     x = features.detach().double().cpu().numpy()
     embedding = TSNE(2, perplexity=min(perplexity, (len(x) - 1) / 3), init="pca", random_state=seed).fit_transform(x)
     return torch.from_numpy(embedding)
+
+
+def filter_normalised_direction(module: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random direction in the weight space of ``module``'s trainable parameters, filter-normalised
+    (Li et al., 2018): a Gaussian tensor per weight of 2 or more dimensions whose every slice along
+    dim 0 (a filter, an output unit) has the norm of that slice of the weight; zeros for 1-d parameters
+    (biases, normalisation scales).  {parameter name: tensor of its shape}; the same seed, the same draw."""
+    generator = torch.Generator().manual_seed(seed)
+    direction = {}
+    for name, weight in module.named_parameters():
+        if not weight.requires_grad:
+            continue
+        if weight.dim() < 2:
+            direction[name] = torch.zeros_like(weight)
+            continue
+        draw = torch.randn(weight.shape, generator=generator, dtype=weight.dtype).to(weight.device)
+        scale = weight.detach().flatten(1).norm(dim=1) / draw.flatten(1).norm(dim=1).clamp_min(1e-12)
+        direction[name] = draw * scale.view(-1, *[1] * (weight.dim() - 1))
+    return direction
+
+
+@torch.no_grad()
+def loss_surface(module: nn.Module, loss, directions: tuple[dict, dict], radius: float = 1.0,
+                 steps: int = 21) -> dict[str, torch.Tensor]:
+    """Losses around ``module``'s weights θ: ``loss(module)`` -> {term: scalar} evaluated at
+    θ + a·d₁ + b·d₂ for a, b on ``steps`` points of [-radius, radius] -> {term: (steps, steps) grid,
+    rows a, columns b} (float64).  The weights are restored afterwards, also on error."""
+    parameters = dict(module.named_parameters())
+    origin = {name: parameters[name].detach().clone() for name in directions[0]}
+    offsets = torch.linspace(-radius, radius, steps)
+    grids: dict[str, torch.Tensor] = {}
+    try:
+        for i, a in enumerate(offsets):
+            for j, b in enumerate(offsets):
+                for name, weight in origin.items():
+                    parameters[name].copy_(weight + a * directions[0][name] + b * directions[1][name])
+                for term, value in loss(module).items():
+                    grids.setdefault(term, torch.zeros(steps, steps, dtype=torch.float64))[i, j] = float(value)
+    finally:
+        for name, weight in origin.items():
+            parameters[name].copy_(weight)
+    return grids
+
+
+def relative_rise(grid: torch.Tensor) -> float:
+    """How steeply a loss surface (from :func:`loss_surface`) rises away from its centre: the mean loss
+    on the grid's border minus the loss at the centre, over the loss at the centre (0 for a flat surface)."""
+    centre = grid[grid.shape[0] // 2, grid.shape[1] // 2]
+    border = torch.cat([grid[0], grid[-1], grid[1:-1, 0], grid[1:-1, -1]])
+    return float((border.mean() - centre) / centre.abs())
 
 
 def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:

@@ -42,6 +42,8 @@ epochs: int = 240
 batch_size: int = 64
 lr: float = 0.05
 teacher_cache_views: int = 0  # >0: cache teacher outputs for that many augmentation views
+parallel: int = 1  # students trained at once, as separate processes (several share one GPU well)
+compile: bool = False  # torch.compile the training forward; also a mode name ("reduce-overhead": CUDA graphs)
 landscape_images: int = 256  # fixed test images on which the loss surfaces are evaluated
 radius: float = 1.0  # the surfaces span [-radius, radius] times each filter-normalised direction
 steps: int = 21  # grid points per direction
@@ -57,7 +59,7 @@ import seaborn as sns
 import torch
 
 from vkd import analysis, data
-from vkd.engine import TrainConfig, load_distiller, train, train_teacher
+from vkd.engine import TrainConfig, load_distiller, train_many, train_teacher
 from vkd.paths import output_dir
 
 figures = output_dir(figures_dir)
@@ -68,17 +70,16 @@ teacher_weights, _ = train_teacher(teacher, teacher_epochs, teacher_checkpoint, 
                                    **common)
 
 # %%
-summaries, configs, curves = {}, {}, []
-for norm in norms:
-    config = TrainConfig(student=student, method="vkd", epochs=epochs, teacher=teacher,
-                         teacher_checkpoint=teacher_weights, teacher_cache_views=teacher_cache_views,
-                         method_options={"vkd_norm": norm, "vkd_weight": vkd_weight},
-                         out_dir=f"{runs_dir}/{tag}", **common)
-    configs[norm] = config = config.named(f"{norm}-{student}")
-    summaries[norm] = train(config)
-    curves.append(pd.read_csv(config.run_dir() / "metrics.csv").assign(norm=norm))
-    print(f"{norm:10s} best {summaries[norm]['best_acc']:.2f} %  last {summaries[norm]['last_acc']:.2f} %")
-curves = pd.concat(curves, ignore_index=True)
+configs = {norm: TrainConfig(student=student, method="vkd", epochs=epochs, teacher=teacher,
+                             teacher_checkpoint=teacher_weights, teacher_cache_views=teacher_cache_views,
+                             method_options={"vkd_norm": norm, "vkd_weight": vkd_weight}, compile=compile,
+                             out_dir=f"{runs_dir}/{tag}", **common).named(f"{norm}-{student}")
+           for norm in norms}
+summaries = dict(zip(norms, train_many(list(configs.values()), parallel), strict=True))
+for norm, s in summaries.items():
+    print(f"{norm:10s} best {s['best_acc']:.2f} %  last {s['last_acc']:.2f} %  {s['wall_seconds']:.0f} s")
+curves = pd.concat([pd.read_csv(c.run_dir() / "metrics.csv").assign(norm=n) for n, c in configs.items()],
+                   ignore_index=True)
 
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), layout="constrained")
 for ax, column, label in zip(axes, ["test_acc", "train_ce", "train_vkd"],

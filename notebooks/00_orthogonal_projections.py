@@ -78,7 +78,7 @@ gram_table
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
 limit = reference.abs().max().item()
 for ax, (name, gram) in zip(axes, grams.items(), strict=True):
-    image = ax.imshow(gram[:32, :32], cmap="RdBu_r", vmin=-limit, vmax=limit)
+    image = ax.imshow(gram[:32, :32].numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
     ax.set_title(name, fontsize=10)
     ax.set_xticks([]), ax.set_yticks([])
 fig.colorbar(image, ax=axes, shrink=0.8, label="⟨z_i, z_j⟩")

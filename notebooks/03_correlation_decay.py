@@ -136,8 +136,9 @@ table
 
 # %%
 with torch.no_grad():
-    spaces = {spec: load_distiller(config).projector_io(probe_batch, "vkd") for spec, config in configs.items()}
-    teacher_features = load_distiller(next(iter(configs.values()))).teacher_outputs(probe_batch, pooled=True)[0]
+    distillers = {spec: load_distiller(config) for spec, config in configs.items()}
+    spaces = {spec: distiller.projector_io(probe_batch, "vkd") for spec, distiller in distillers.items()}
+    teacher_features = next(iter(distillers.values())).teacher_outputs(probe_batch, pooled=True)[0]
 geometry = pd.DataFrame({
     "projector": list(spaces),
     "knn_student": [analysis.knn_accuracy(inputs, probe_labels, knn) for inputs, _ in spaces.values()],

@@ -17,9 +17,10 @@
 # The small-scale experiments of both papers: a teacher, then one student per method -- the student
 # alone (CE), KD, FitNet, DKD, SRD ("linear/MLP + BN + LogSum", paper B), VkD (orthogonal projector
 # + teacher standardisation, paper A) and SRD+DKD -- all trained by `vkd.engine.train` with the
-# same data, schedule and seed. The `full` profile is the CRD / mdistiller recipe (240 epochs,
-# SGD lr 0.05, batch 64, ×0.1 at 150/180/210) for resnet32x4 → resnet8x4; `quick` is a CPU-sized
-# version (smaller pair, data fraction, few epochs) and `smoke` only proves the plumbing.
+# same data, schedule and seeds (with several `seeds`, e.g. `[0, 1, 2]`, the tables give mean ± std over
+# them). The `full` profile is the CRD / mdistiller recipe (240 epochs, SGD lr 0.05, batch 64, ×0.1 at
+# 150/180/210) for resnet32x4 → resnet8x4; `quick` is a CPU-sized version (smaller pair, data fraction,
+# few epochs) and `smoke` only proves the plumbing.
 #
 # The papers report CIFAR-100; the data here is CIFAR-10 (JPEG) unless `dataset` says otherwise, so
 # the `paper_top1` column is context (its dataset is shown next to it), not a target.
@@ -46,7 +47,7 @@ batch_size: int = 64
 lr: float = 0.05
 weight_decay: float = 5e-4
 teacher_cache_views: int = 0  # >0: cache teacher outputs for that many augmentation views (CPU speed-up)
-seed: int = 0
+seeds: list = [0]  # student seeds (each also draws the data fractions); the teacher is trained with the first
 device: str = "auto"  # auto | cpu | cuda
 parallel: int = 1  # students trained at once, as separate processes (several share one GPU well)
 compile: bool = False  # torch.compile the training forward; also a mode name ("reduce-overhead": CUDA graphs)
@@ -60,12 +61,12 @@ import seaborn as sns
 
 from vkd.engine import TrainConfig, train_many, train_teacher
 from vkd.paths import output_dir, resolve
-from vkd.results import committed_teacher_row, render_table, with_paper_numbers
+from vkd.results import committed_teacher_row, over_seeds, render_table, with_paper_numbers
 
 figures = output_dir(figures_dir)
 tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
 common = dict(out_dir=f"{runs_dir}/{tag}", dataset=dataset, download=download, fraction=fraction,
-              test_fraction=test_fraction, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+              test_fraction=test_fraction, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seeds[0],
               device=device, compile=compile)
 
 # %% [markdown]
@@ -79,19 +80,22 @@ teacher_weights, teacher_summary = train_teacher(teacher, teacher_epochs, teache
 
 # %% [markdown]
 # ## Students
+# One run per method and seed, all distilled from the one teacher above.
 
 # %%
 if set(method_options) - set(methods):
     raise ValueError(f"method_options names {sorted(set(method_options) - set(methods))}, not among methods {methods}")
+runs = [(method, seed) for seed in seeds for method in methods]
 configs = [TrainConfig(
     student=student, method=method, epochs=epochs, teacher=None if method == "ce" else teacher,
     teacher_checkpoint=None if method == "ce" else teacher_weights, teacher_sha256=teacher_sha256 or None,
     teacher_cache_views=0 if method == "ce" else teacher_cache_views, method_options=method_options.get(method, {}),
-    **common).named(f"{method}-{student}")
-    for method in methods]
-summaries = dict(zip(methods, train_many(configs, parallel), strict=True))
-for method, s in summaries.items():
-    print(f"{method:8s} best {s['best_acc']:6.2f} %  last {s['last_acc']:6.2f} %  {s['wall_seconds']:6.0f} s")
+    **{**common, "seed": seed}).named(f"{method}-{student}")
+    for method, seed in runs]
+summaries = dict(zip(runs, train_many(configs, parallel), strict=True))
+for (method, seed), s in summaries.items():
+    print(f"{method:8s} seed {seed}  best {s['best_acc']:6.2f} %  last {s['last_acc']:6.2f} %  "
+          f"{s['wall_seconds']:6.0f} s")
 
 # %%
 def row(method: str, s: dict) -> dict:
@@ -102,7 +106,7 @@ def row(method: str, s: dict) -> dict:
             "last_top1": round(s["last_acc"], 2), "wall_s": round(s["wall_seconds"]), "device": s["device"],
             "profile": profile, "git": s["git_revision"]}
 
-rows = [row(m, s) for m, s in summaries.items()]
+rows = [row(method, s) for (method, _), s in summaries.items()]
 if teacher_summary is not None:
     rows.insert(0, {**row("teacher", teacher_summary), "student": student})
 elif (record := committed_teacher_row(teacher_weights)) is not None:  # as measured when it was trained
@@ -110,28 +114,35 @@ elif (record := committed_teacher_row(teacher_weights)) is not None:  # as measu
 results = with_paper_numbers(pd.DataFrame(rows, columns=list(rows[-1])).astype({"seed": "Int64"}))
 results.loc[results.method == "teacher", "student"] = teacher + " (teacher)"
 results.to_csv(figures / "01_cifar_results.csv", index=False)
-render_table(results.drop(columns=["git", "seed", "profile", "device"]), figures / "01_cifar_results.png",
-             f"{dataset}, {fraction:.0%} of the training data, profile {profile}, seed {seed}, "
-             f"{results.device.iloc[0]}")
-results
+seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean and std over seeds {seeds}"
+statistics = over_seeds(results)
+if len(seeds) > 1:
+    statistics.to_csv(figures / "01_cifar_seeds.csv", index=False)
+shown = results if len(seeds) == 1 else statistics
+title = f"{dataset}, {fraction:.0%} of the training data, profile {profile}, {seeds_text}, {results.device.iloc[0]}"
+render_table(shown.drop(columns=["git", "seed", "profile", "device"], errors="ignore"),
+             figures / "01_cifar_results.png", title)
+shown
 
 # %%
 curves = []
-for method, s in summaries.items():
+for (method, seed), s in summaries.items():
     metrics = pd.read_csv(resolve(common["out_dir"]) / s["name"] / "metrics.csv")
-    curves.append(metrics.assign(method=method))
+    curves.append(metrics.assign(method=method, seed=seed))
 curves = pd.concat(curves, ignore_index=True)
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-sns.lineplot(data=curves, x="epoch", y="test_acc", hue="method", ax=axes[0], marker="o" if epochs <= 30 else None)
-sns.lineplot(data=curves, x="epoch", y="train_loss", hue="method", ax=axes[1], legend=False)
-axes[0].set(ylabel="test top-1 (%)", title=f"{teacher} → {student}")
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))  # several seeds: mean, band of ± one standard deviation
+sns.lineplot(data=curves, x="epoch", y="test_acc", hue="method", errorbar="sd", ax=axes[0],
+             marker="o" if epochs <= 30 else None)
+sns.lineplot(data=curves, x="epoch", y="train_loss", hue="method", errorbar="sd", ax=axes[1], legend=False)
+axes[0].set(ylabel="test top-1 (%)", title=f"{teacher} → {student}, {seeds_text}")
 axes[1].set(ylabel="training loss (weighted sum)", yscale="log")
 fig.tight_layout()
 fig.savefig(figures / "01_cifar_curves.png", dpi=120, bbox_inches="tight")
 
 # %%
-baseline = summaries.get("ce")
-if baseline is not None:
-    for method, s in summaries.items():
-        print(f"{method:8s} {s['best_acc'] - baseline['best_acc']:+6.2f} points (best top-1) vs the student alone")
-print(json.dumps({m: round(s["best_acc"], 2) for m, s in summaries.items()}))
+students = statistics[statistics.method != "teacher"].set_index("method")
+if "gain_mean" in students:
+    for method, s in students.iterrows():
+        spread = "" if len(seeds) == 1 else f" (mean ± {s.gain_std:.2f} over {s.seeds} seeds)"
+        print(f"{method:8s} {s.gain_mean:+6.2f} points (best top-1) vs the student alone{spread}")
+print(json.dumps(students.best_top1_mean.round(2).to_dict()))

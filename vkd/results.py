@@ -52,6 +52,35 @@ def committed_teacher_row(checkpoint: str | Path) -> dict | None:
             "device": record.device, "git": record.vkd_revision}
 
 
+def over_seeds(results: pd.DataFrame, baseline: str | None = "ce", decimals: int = 2) -> pd.DataFrame:
+    """Mean and standard deviation (ddof 1; NaN for one seed) over seeds of every setting in ``results``.
+
+    ``results`` has one row per run with columns ``seed``, ``best_top1``, ``last_top1`` (% top-1) and
+    ``wall_s``; a setting is every other column but ``git``.  Returns one row per setting, in first-seen
+    order: ``seeds`` (how many runs), ``best_top1_mean/_std``, ``last_top1_mean/_std``, ``wall_s`` (mean), and,
+    when ``baseline`` names a method in ``results``, ``gain_mean/_std``: the paired gain in best top-1 over
+    the baseline run with the same seed (points; NaN for the teacher and where no such run exists).  The
+    statistics are rounded to ``decimals``, wall time to seconds."""
+    values, varying = ["best_top1", "last_top1"], {"seed", "wall_s", "git", "best_top1", "last_top1"}
+    missing = {*values, "seed", "wall_s"} - set(results.columns)
+    if missing:
+        raise ValueError(f"over_seeds needs one row per run with columns {sorted({*values, 'seed', 'wall_s'})}; "
+                         f"missing {sorted(missing)}")
+    runs = results.copy()
+    if baseline is not None and (runs.method == baseline).any():
+        reference = runs[runs.method == baseline].groupby("seed").best_top1.first()
+        runs["gain"] = (runs.best_top1 - runs.seed.map(reference).astype(float)).where(runs.method != "teacher")
+        values.append("gain")
+    keys = [c for c in runs.columns if c not in varying | {"gain"}]
+    grouped = runs.groupby(keys, dropna=False, sort=False)
+    table = grouped[values].agg(["mean", "std"])
+    table.columns = [f"{value}_{stat}" for value, stat in table.columns]
+    table = table.round(decimals)
+    table.insert(0, "seeds", grouped.size())
+    table["wall_s"] = grouped.wall_s.mean().round()
+    return table.reset_index()
+
+
 def render_table(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
     """Save ``table`` as a figure (PNG) for readers who look at figures/ rather than CSVs."""
     cells = table.astype(object).where(table.notna(), "")

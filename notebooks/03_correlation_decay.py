@@ -47,7 +47,7 @@ projectors: list = ["linear", "mlp-64", "mlp-512", "mlp-2048", "ensemble-512", "
 measure: str = "matched"  # matched | cka: the correlation plotted first
 probe_images: int = 512  # fixed test images on which the correlation is measured
 probe_every: int = 20  # optimiser steps between correlation measurements
-smoothing: int = 5  # moving-average window (in measurements) of the plotted curves
+smoothing: int = 5  # moving-average window (in measurements) of the plotted curves and of their peaks
 tsne_projectors: list = ["linear", "orthogonal"]  # projectors whose projected features get a t-SNE panel
 knn: int = 5  # neighbours of the k-NN accuracy that measures class separation in a feature space
 epochs: int = 240
@@ -100,11 +100,11 @@ curves, accuracy = pd.concat(curves, ignore_index=True), pd.concat(accuracy, ign
 curves.to_csv(figures / "03_correlation_decay.csv", index=False)
 
 # %%
+smooth = curves.assign(**curves.groupby("projector")[list(analysis.CORRELATIONS)].transform(
+    lambda v: v.rolling(smoothing, min_periods=1).mean()))
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
 for ax, name in zip(axes, [measure, *[m for m in analysis.CORRELATIONS if m != measure]], strict=True):
-    smooth = curves.assign(value=curves.groupby("projector")[name].transform(
-        lambda v: v.rolling(smoothing, min_periods=1).mean()))
-    sns.lineplot(data=smooth, x="step", y="value", hue="projector", ax=ax, legend=ax is axes[0])
+    sns.lineplot(data=smooth, x="step", y=name, hue="projector", ax=ax, legend=ax is axes[0])
     ax.set(xlabel="iteration", ylabel=f"input-output correlation ({name})")
 fig.suptitle(f"Projector input-output correlation, {student} ← {teacher} (VkD loss)", y=1.02)
 fig.savefig(figures / "03_correlation_decay.png", dpi=120, bbox_inches="tight")
@@ -115,10 +115,13 @@ sns.lineplot(data=accuracy, x="epoch", y="test_acc", hue="projector", marker="o"
 ax.set(ylabel="test top-1 (%)", title=f"VkD projector ablation, {student} ← {teacher}")
 fig.savefig(figures / "03_projector_ablation.png", dpi=120, bbox_inches="tight")
 final = curves.groupby("projector").tail(1).set_index("projector")
+peaks = smooth.loc[smooth.groupby("projector")[measure].idxmax()].set_index("projector")  # of the plotted curve
 table = pd.DataFrame({
     "projector": list(summaries),
     "start_matched": [curves[curves.projector == p].matched.iloc[0] for p in summaries],
     "end_matched": [final.loc[p, "matched"] for p in summaries],
+    f"peak_{measure}": [peaks.loc[p, measure] for p in summaries],
+    "peak_step": [peaks.loc[p, "step"] for p in summaries],
     "start_cka": [curves[curves.projector == p].cka.iloc[0] for p in summaries],
     "end_cka": [final.loc[p, "cka"] for p in summaries],
     "best_top1": [s["best_acc"] for s in summaries.values()], "last_top1": [s["last_acc"] for s in summaries.values()],
@@ -172,7 +175,10 @@ geometry
 # %%
 t = table.set_index("projector")
 mlps = [p for p in t.index if p.startswith("mlp")]
-print("correlation decays for:", [p for p in t.index if t.loc[p, f"end_{measure}"] < t.loc[p, f"start_{measure}"]])
+print("correlation ends below its start for:",
+      [p for p in t.index if t.loc[p, f"end_{measure}"] < t.loc[p, f"start_{measure}"]])
+print("fall from the (smoothed) peak to the end:",
+      {p: round(t.loc[p, f"peak_{measure}"] - t.loc[p, f"end_{measure}"], 3) for p in t.index})
 if "linear" in t.index and mlps:
     above = all(t.loc["linear", f"end_{measure}"] > t.loc[m, f"end_{measure}"] for m in mlps)
     print(f"linear ends above every MLP ({measure}): {above} (paper: yes)")

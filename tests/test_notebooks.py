@@ -66,6 +66,18 @@ def test_unknown_parameter_is_refused_with_the_declared_names(tmp_path):
     assert not list(tmp_path.glob("*.ipynb"))  # refused before running
 
 
+def test_notebook_01_refuses_an_empty_or_repeated_seed_list(tmp_path):
+    for seeds in ("[]", "[1, 1]"):
+        result = subprocess.run(
+            [sys.executable, "-m", "vkd", "run", "01", "--as-script", "-p", "seeds", seeds,
+             "-p", "runs_dir", str(tmp_path / "runs"), "-p", "figures_dir", str(tmp_path / "figures")],
+            capture_output=True, text=True,
+        )
+        assert result.returncode == 1
+        assert f"seeds must list one or more distinct seeds, e.g. [0, 1, 2]; got {seeds}" in result.stderr
+        assert not (tmp_path / "runs").exists()  # refused before any training
+
+
 def test_failing_cell_is_reported(tmp_path, capfd):
     notebook = tmp_path / "99_broken.py"
     notebook.write_text(
@@ -129,3 +141,16 @@ def test_missing_imagenet_and_teacher_weights_are_explained(tmp_path):
     with pytest.raises(NotebookError, match=r"no teacher weights at .*missing.pt"):
         run_notebook("05", "full", {**parameters, "teacher_checkpoint": str(tmp_path / "missing.pt")},
                      output_dir=tmp_path)
+
+
+def test_a_script_run_reports_errors_at_the_notebooks_own_line_numbers(tmp_path, monkeypatch):
+    notebook = tmp_path / "99_lines.py"
+    source = ('# %% tags=["parameters"]\nprofile: str = "smoke"\nfigures_dir: str = "x"\nlimit: int = 1\n\n'
+              "# %%\nx = limit + 1\n\n# %%\nraise KeyError(f'limit {limit}')\n")
+    notebook.write_text(source)
+    monkeypatch.setattr("vkd.notebooks.find_notebook", lambda name: notebook)
+    with pytest.raises(KeyError, match="limit 5") as raised:
+        run_as_script("99_lines", "smoke", {"limit": 5})
+    frame = [entry for entry in raised.traceback if str(entry.path) == str(notebook)][-1]
+    assert frame.lineno == source.splitlines().index("raise KeyError(f'limit {limit}')")  # both 0-based
+

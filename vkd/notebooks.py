@@ -190,8 +190,9 @@ def run_as_script(
     if unknown:
         raise NotebookError(f"{path.name} declares no parameter {', '.join(map(repr, unknown))}; "
                             f"its parameters are: {', '.join(sorted(declared))}")
-    injected = "".join(f"{key} = {value!r}\n" for key, value in values.items())
-    code = f"{head}{PARAMETERS_MARKER}{cell}\n# injected parameters\n{injected}\n# %%{tail}"
+    # on the next cell's marker line, so that tracebacks give the notebook's own line numbers
+    injected = "".join(f"{key} = {value!r}; " for key, value in values.items())
+    code = f"{head}{PARAMETERS_MARKER}{cell}\n{injected}# %% (parameters injected on this line){tail}"
     import matplotlib
 
     matplotlib.use("Agg")

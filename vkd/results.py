@@ -61,17 +61,15 @@ def over_seeds(results: pd.DataFrame, baseline: str | None = "ce", decimals: int
     when ``baseline`` names a method in ``results``, ``gain_mean/_std``: the paired gain in best top-1 over
     the baseline run with the same seed (points; NaN for the teacher and where no such run exists).  The
     statistics are rounded to ``decimals``, wall time to seconds."""
-    values, varying = ["best_top1", "last_top1"], {"seed", "wall_s", "git", "best_top1", "last_top1"}
-    missing = {*values, "seed", "wall_s"} - set(results.columns)
-    if missing:
-        raise ValueError(f"over_seeds needs one row per run with columns {sorted({*values, 'seed', 'wall_s'})}; "
-                         f"missing {sorted(missing)}")
+    values, required = ["best_top1", "last_top1"], {"seed", "wall_s", "best_top1", "last_top1"}
+    if missing := required - set(results.columns):
+        raise ValueError(f"over_seeds needs one row per run with columns {sorted(required)}; missing {sorted(missing)}")
     runs = results.copy()
     if baseline is not None and (runs.method == baseline).any():
         reference = runs[runs.method == baseline].groupby("seed").best_top1.first()
         runs["gain"] = (runs.best_top1 - runs.seed.map(reference).astype(float)).where(runs.method != "teacher")
         values.append("gain")
-    keys = [c for c in runs.columns if c not in varying | {"gain"}]
+    keys = [c for c in runs.columns if c not in required | {"git", "gain"}]
     grouped = runs.groupby(keys, dropna=False, sort=False)
     table = grouped[values].agg(["mean", "std"])
     table.columns = [f"{value}_{stat}" for value, stat in table.columns]

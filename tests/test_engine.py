@@ -17,6 +17,8 @@ from vkd.engine import (
     git_revision,
     load_distiller,
     load_weights,
+    rng_state,
+    set_rng_state,
     train,
     train_many,
 )
@@ -131,6 +133,18 @@ def test_teacher_checksum_and_missing_file(data_root, tmp_path):
     assert load_weights(torch.nn.Linear(2, 2), path, expected_sha256=digest) == digest
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_weights(model, tmp_path / "missing.pt")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a checkpoint loaded onto a GPU")
+def test_random_streams_restore_from_a_checkpoint_loaded_onto_the_gpu(tmp_path):
+    """Resuming on a GPU loads the checkpoint with map_location="cuda", which moves the saved generator
+    states there too; they must still restore (the first H100 resume failed: "RNG state must be a ByteTensor")."""
+    device = torch.device("cuda")
+    torch.save(rng_state(device), tmp_path / "rng.pt")
+    expected = torch.rand(3), torch.rand(3, device=device)
+    set_rng_state(torch.load(tmp_path / "rng.pt", map_location=device, weights_only=False), device)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert torch.equal(torch.rand(3, device=device), expected[1])
 
 
 def test_probes_are_recorded_and_survive_resume(data_root, tmp_path):

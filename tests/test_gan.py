@@ -236,6 +236,10 @@ def test_bench_gan_times_an_iteration_of_each_setup():
     table = bench_gan(channels=8, batch=4, d_steps=1, teacher="resnet8", steps=1)
     assert list(table.setup) == ["DiffAugment (da)", "vkd-layernorm", "vkd-whiten"]
     assert (table.ms_per_iteration > 0).all() and table.time_vs_da[0] == 1
+    # wider than the teacher (resnet8: 64-d) needs the linear head, as notebook 06's GPU params set it
+    with pytest.raises(ValueError, match="set head_dim <= 64"):
+        bench_gan(channels=128, batch=4, d_steps=1, teacher="resnet8", steps=1)
+    assert len(bench_gan(channels=128, batch=4, d_steps=1, teacher="resnet8", head_dim=16, steps=1)) == 3
     with pytest.raises(ValueError, match="method 'da' takes no teacher"):
         GANTraining(GANConfig(method="da"), torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1), 10,
                     _pixels_as_features(), torch.device("cpu"))

@@ -196,13 +196,14 @@ def bench_deit(student: str = "deit_tiny_distilled_patch16_224", teacher: str = 
                          for i, (name, s) in enumerate(seconds.items())])
 
 
-def bench_gan(channels: int = 32, batch: int = 32, d_steps: int = 2, teacher: str = "resnet20",
+def bench_gan(channels: int = 32, batch: int = 32, d_steps: int = 2, teacher: str = "resnet20", head_dim: int = 0,
               norms: Iterable[str] = ("layernorm", "whiten"), steps: int = 10, num_classes: int = 10,
               device: str = "cpu", seed: int = 0) -> pd.DataFrame:
     """One data-limited GAN iteration (``d_steps`` discriminator updates and one generator update, with
     DiffAugment; vkd.gan.GANTraining, as train_gan runs it) on random images: the DiffAugment baseline, and
     VkD with each teacher normalisation in ``norms``.  The teacher is an untrained ``teacher`` classifier's
-    pooled features (the cost of a trained one).  Defaults: notebook 06's quick profile."""
+    pooled features (the cost of a trained one); ``head_dim`` > 0 puts a linear head before the projector, as
+    notebook 06 needs when ``channels`` exceeds the teacher's width.  Defaults: notebook 06's quick profile."""
     from .gan import GANConfig, classifier_embedding
     from .gan.train import GANTraining
 
@@ -215,7 +216,7 @@ def bench_gan(channels: int = 32, batch: int = 32, d_steps: int = 2, teacher: st
     labels = torch.randint(0, num_classes, (8 * batch,), device=device)
     setups = {"DiffAugment (da)": GANConfig(method="da", channels=channels, batch_size=batch, d_steps=d_steps)}
     setups.update({f"vkd-{norm}": GANConfig(method="vkd", norm=norm, channels=channels, batch_size=batch,
-                                            d_steps=d_steps) for norm in norms})
+                                            d_steps=d_steps, head_dim=head_dim) for norm in norms})
     steps_by_name = {}
     for name, config in setups.items():
         training = GANTraining(config, images, labels, num_classes, embedding if config.method == "vkd" else None,

@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     gan.add_argument("--batch", type=int, default=32)
     gan.add_argument("--d-steps", type=int, default=2)
     gan.add_argument("--teacher", default="resnet20")
+    gan.add_argument("--head-dim", type=int, default=0,
+                     help="a linear head before the projector (needed when --channels exceeds the teacher's width)")
     gan.add_argument("--steps", type=int, default=10)
     gan.add_argument("--device", default="cpu", help="cpu | cuda | auto")
 
@@ -178,9 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "gan":
         from .bench import bench_gan
 
-        table = bench_gan(args.channels, args.batch, args.d_steps, args.teacher, steps=args.steps, device=args.device)
+        table = bench_gan(args.channels, args.batch, args.d_steps, args.teacher, head_dim=args.head_dim,
+                          steps=args.steps, device=args.device)
         print(f"GAN iterations ({args.d_steps} discriminator updates + 1 generator update), width {args.channels}, "
-              f"batch {args.batch}, teacher {args.teacher}, float32, {_where(args.device)}")
+              f"batch {args.batch}, teacher {args.teacher}, head_dim {args.head_dim}, float32, {_where(args.device)}")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.what == "deit":
         from .bench import bench_deit

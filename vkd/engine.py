@@ -698,12 +698,14 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state, device: torch.device) -> None:
+    """Restore what ``rng_state`` saved.  Its generator states are CPU byte tensors, whatever device the
+    checkpoint was loaded onto (``torch.load(map_location="cuda")`` moves them too)."""
     if isinstance(state, torch.Tensor):  # checkpoints written before the other streams were saved
-        torch.set_rng_state(state)
+        torch.set_rng_state(state.cpu())
         return
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
 

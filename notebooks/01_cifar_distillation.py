@@ -61,10 +61,9 @@ import seaborn as sns
 
 from vkd.engine import TrainConfig, train_many, train_teacher
 from vkd.paths import output_dir, resolve
-from vkd.results import committed_teacher_row, over_seeds, render_table, with_paper_numbers
+from vkd.results import committed_teacher_row, distinct_seeds, over_seeds, render_table, with_paper_numbers
 
-if not seeds or len(set(seeds)) != len(seeds):
-    raise ValueError(f"seeds must list one or more distinct seeds, e.g. [0, 1, 2]; got {seeds}")
+seeds = distinct_seeds(seeds)
 figures = output_dir(figures_dir)
 tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
 common = dict(out_dir=f"{runs_dir}/{tag}", dataset=dataset, download=download, fraction=fraction,

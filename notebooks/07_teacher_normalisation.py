@@ -48,7 +48,7 @@ landscape_images: int = 256  # fixed test images on which the loss surfaces are 
 radius: float = 1.0  # the surfaces span [-radius, radius] times each filter-normalised direction
 steps: int = 21  # grid points per direction
 direction_pairs: int = 3  # random pairs of directions per run: the first is plotted, the rise is averaged over all
-seed: int = 0
+seeds: list = [0]  # student seeds (each draws its landscape images and directions); the teacher uses the first
 device: str = "auto"
 
 # %%
@@ -61,82 +61,96 @@ import torch
 from vkd import analysis, data
 from vkd.engine import TrainConfig, load_distiller, train_many, train_teacher
 from vkd.paths import output_dir
+from vkd.results import distinct_seeds, over_seeds
 
+seeds = distinct_seeds(seeds)
 figures = output_dir(figures_dir)
 tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
 common = dict(dataset=dataset, download=download, fraction=fraction, test_fraction=test_fraction,
-              batch_size=batch_size, lr=lr, seed=seed, device=device)
+              batch_size=batch_size, lr=lr, seed=seeds[0], device=device)
 teacher_weights, _ = train_teacher(teacher, teacher_epochs, teacher_checkpoint, out_dir=f"{teachers_dir}/{tag}",
                                    **common)
 
 # %%
-configs = {norm: TrainConfig(student=student, method="vkd", epochs=epochs, teacher=teacher,
-                             teacher_checkpoint=teacher_weights, teacher_cache_views=teacher_cache_views,
-                             method_options={"vkd_norm": norm, "vkd_weight": vkd_weight}, compile=compile,
-                             out_dir=f"{runs_dir}/{tag}", **common).named(f"{norm}-{student}")
-           for norm in norms}
-summaries = dict(zip(norms, train_many(list(configs.values()), parallel), strict=True))
-for norm, s in summaries.items():
-    print(f"{norm:10s} best {s['best_acc']:.2f} %  last {s['last_acc']:.2f} %  {s['wall_seconds']:.0f} s")
-curves = pd.concat([pd.read_csv(c.run_dir() / "metrics.csv").assign(norm=n) for n, c in configs.items()],
-                   ignore_index=True)
+runs = [(norm, seed) for seed in seeds for norm in norms]
+configs = {(norm, seed): TrainConfig(student=student, method="vkd", epochs=epochs, teacher=teacher,
+                                     teacher_checkpoint=teacher_weights, teacher_cache_views=teacher_cache_views,
+                                     method_options={"vkd_norm": norm, "vkd_weight": vkd_weight}, compile=compile,
+                                     out_dir=f"{runs_dir}/{tag}", **{**common, "seed": seed}).named(f"{norm}-{student}")
+           for norm, seed in runs}
+summaries = dict(zip(runs, train_many(list(configs.values()), parallel), strict=True))
+for (norm, seed), s in summaries.items():
+    print(f"{norm:10s} seed {seed}  best {s['best_acc']:.2f} %  last {s['last_acc']:.2f} %  {s['wall_seconds']:.0f} s")
+curves = pd.concat([pd.read_csv(c.run_dir() / "metrics.csv").assign(norm=norm, seed=seed)
+                    for (norm, seed), c in configs.items()], ignore_index=True)
+seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean ± std over seeds {seeds}"
 
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), layout="constrained")
 for ax, column, label in zip(axes, ["test_acc", "train_ce", "train_vkd"],
                              ["test top-1 (%)", "training cross-entropy", "training VkD term (weighted)"], strict=True):
-    sns.lineplot(data=curves, x="epoch", y=column, hue="norm", marker="o", ax=ax, legend=ax is axes[0])
+    sns.lineplot(data=curves, x="epoch", y=column, hue="norm", marker="o", errorbar="sd", ax=ax, legend=ax is axes[0])
     ax.set(ylabel=label)
-fig.suptitle(f"VkD, {student} ← {teacher}, teacher normalised by {' / '.join(norms)}")
+fig.suptitle(f"VkD, {student} ← {teacher}, teacher normalised by {' / '.join(norms)}, {seeds_text}")
 fig.savefig(figures / "07_teacher_norm_curves.png", dpi=120, bbox_inches="tight")
 
 # %% [markdown]
 # ## Loss surfaces around each trained student
 # The student and its projector are moved along the same two random draws, each rescaled filter by
 # filter to that run's weights, and the training objective (cross-entropy + weighted VkD term, eval-mode
-# batch norm) is evaluated on the same images for every run.
+# batch norm) is evaluated on the same images for every run of a seed (images and directions are drawn
+# with the run's seed; the contours show the first seed).
 
 # %%
-images, labels = data.test_batch(dataset, landscape_images, seed, download=download)
-surfaces = {}  # norm -> one {term: (steps, steps) grid} per pair of directions
-for norm, config in configs.items():
+batches = {seed: data.test_batch(dataset, landscape_images, seed, download=download) for seed in seeds}
+surfaces = {}  # (norm, seed) -> one {term: (steps, steps) grid} per pair of directions
+for (norm, seed), config in configs.items():
+    images, labels = batches[seed]
     distiller = load_distiller(config)
     cached = distiller.teacher_outputs(images)
 
-    def objective(d, teacher_outputs=cached):
+    def objective(d, teacher_outputs=cached, images=images, labels=labels):
         return d(images, labels, teacher_outputs=teacher_outputs)[1]
 
-    surfaces[norm] = []
+    surfaces[norm, seed] = []
     for pair in range(direction_pairs):
         directions = tuple(analysis.filter_normalised_direction(distiller, seed + 2 * pair + k) for k in (1, 2))
         grids = analysis.loss_surface(distiller, objective, directions, radius, steps)
-        surfaces[norm].append({**grids, "total": sum(grids.values())})
+        surfaces[norm, seed].append({**grids, "total": sum(grids.values())})
 
 offsets = np.linspace(-radius, radius, steps)
 fig, axes = plt.subplots(1, len(norms), figsize=(4.4 * len(norms), 3.8), squeeze=False)
 for ax, norm in zip(axes[0], norms, strict=True):
-    grid = surfaces[norm][0]["total"].numpy()
+    grid = surfaces[norm, seeds[0]][0]["total"].numpy()
     contours = ax.contour(offsets, offsets, np.log(grid), levels=15, cmap="viridis")
     ax.clabel(contours, fontsize=6, fmt=lambda v: f"{np.exp(v):.2g}")
     ax.plot(0, 0, "r+")
     ax.set(title=f"teacher norm = {norm}", xlabel="direction 2", ylabel="direction 1" if ax is axes[0, 0] else "")
-fig.suptitle("training objective around the trained student (contours of log loss; first pair of directions)", y=1.02)
+fig.suptitle(f"training objective around the trained student (contours of log loss; first pair of directions, "
+             f"seed {seeds[0]})", y=1.02)
 fig.savefig(figures / "07_loss_landscape.png", dpi=120, bbox_inches="tight")
 
 rows = []
-for norm in norms:
-    for term in surfaces[norm][0]:
-        rises = torch.tensor([analysis.relative_rise(grids[term]) for grids in surfaces[norm]])
-        centre = surfaces[norm][0][term][steps // 2, steps // 2]
+for norm, seed in runs:
+    summary = summaries[norm, seed]
+    for term in surfaces[norm, seed][0]:
+        rises = torch.tensor([analysis.relative_rise(grids[term]) for grids in surfaces[norm, seed]])
+        centre = surfaces[norm, seed][0][term][steps // 2, steps // 2]
         rows.append({"norm": norm, "term": term, "loss_at_centre": float(centre),
                      "relative_rise_mean": float(rises.mean()),
                      "relative_rise_std": float(rises.std()) if len(rises) > 1 else float("nan"),
                      "direction_pairs": len(rises), "radius": radius, "steps": steps,
-                     "best_top1": summaries[norm]["best_acc"], "last_top1": summaries[norm]["last_acc"],
-                     "epochs": epochs, "fraction": fraction, "seed": seed, "device": summaries[norm]["device"],
-                     "wall_s": round(summaries[norm]["wall_seconds"]), "profile": profile})
+                     "best_top1": summary["best_acc"], "last_top1": summary["last_acc"],
+                     "epochs": epochs, "fraction": fraction, "seed": seed, "device": summary["device"],
+                     "wall_s": round(summary["wall_seconds"]), "profile": profile})
 table = pd.DataFrame(rows).round({"loss_at_centre": 4, "relative_rise_mean": 3, "relative_rise_std": 3})
 table.to_csv(figures / "07_teacher_normalisation.csv", index=False)
-table
+# over seeds: each run's rise (its mean over the pairs of directions) and accuracy, mean ± std across seeds
+statistics = over_seeds(table.drop(columns=["loss_at_centre", "relative_rise_std"])
+                        .rename(columns={"relative_rise_mean": "relative_rise"}),
+                        baseline=None, values=("relative_rise", "best_top1", "last_top1"))
+if len(seeds) > 1:
+    statistics.to_csv(figures / "07_teacher_normalisation_seeds.csv", index=False)
+table if len(seeds) == 1 else statistics
 
 # %% [markdown]
 # ## Paper vs. this run
@@ -144,11 +158,20 @@ table
 # the standardised teacher, and did that student converge faster or end higher?
 
 # %%
-totals = table[table.term == "total"].set_index("norm")
-if {"none", "layernorm"} <= set(totals.index):
-    rise = {n: f"{totals.relative_rise_mean[n]:.2f} ± {totals.relative_rise_std[n]:.2f}" for n in ("layernorm", "none")}
-    flatter = totals.relative_rise_mean["layernorm"] < totals.relative_rise_mean["none"]
-    print(f"relative rise of the objective (mean ± std over {direction_pairs} pairs of directions): layernorm "
-          f"{rise['layernorm']}, none {rise['none']} -> {'agrees' if flatter else 'does not agree'} with "
-          f"paper A's claim of a smoother landscape with the standardised teacher")
-    print(f"best top-1: layernorm {totals.best_top1['layernorm']:.2f} %, none {totals.best_top1['none']:.2f} %")
+totals = table[table.term == "total"]
+if {"none", "layernorm"} <= set(totals.norm):
+    rise = totals.pivot(index="seed", columns="norm", values="relative_rise_mean")
+    flatter = rise["layernorm"] < rise["none"]
+    if len(seeds) == 1:
+        by_norm, over = totals.set_index("norm"), f"{direction_pairs} pairs of directions"
+        means, spreads = by_norm.relative_rise_mean, by_norm.relative_rise_std
+    else:
+        by_norm, over = statistics[statistics.term == "total"].set_index("norm"), f"seeds {seeds}"
+        means, spreads = by_norm.relative_rise_mean, by_norm.relative_rise_std
+    print(f"relative rise of the objective (mean ± std over {over}): layernorm {means['layernorm']:.2f} ± "
+          f"{spreads['layernorm']:.2f}, none {means['none']:.2f} ± {spreads['none']:.2f}; flatter with the "
+          f"standardised teacher at {flatter.sum()} of {len(flatter)} seed(s) -> "
+          f"{'agrees' if flatter.all() else 'does not agree'} with paper A's claim of a smoother landscape")
+    top1 = totals.pivot(index="seed", columns="norm", values="best_top1")
+    which = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {seeds}"
+    print(f"best top-1 ({which}): layernorm {top1['layernorm'].mean():.2f} %, none {top1['none'].mean():.2f} %")

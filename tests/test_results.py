@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from vkd.paths import project_root
-from vkd.results import committed_teacher_row, over_seeds
+from vkd.results import committed_teacher_row, distinct_seeds, over_seeds
 
 
 def test_a_committed_teacher_brings_its_measured_row(tmp_path):
@@ -54,3 +54,24 @@ def test_over_seeds_gives_mean_std_and_the_paired_gain_by_hand():
 def test_over_seeds_refuses_a_table_without_runs():
     with pytest.raises(ValueError, match=r"missing \['seed'\]"):
         over_seeds(pd.DataFrame({"method": ["ce"], "best_top1": [50.0], "last_top1": [50.0], "wall_s": [1]}))
+
+
+def test_over_seeds_takes_other_statistics_by_hand():
+    """Notebook 07's use: a loss-surface measure and accuracy per run, grouped by normalisation, no baseline."""
+    runs = pd.DataFrame({"norm": ["none", "layernorm"] * 2, "seed": [0, 0, 1, 1],
+                         "relative_rise": [14.0, 9.0, 12.0, 8.0], "best_top1": [42.0, 41.0, 38.0, 39.0],
+                         "wall_s": [40, 41, 42, 43]})
+    table = over_seeds(runs, baseline="ce", values=("relative_rise", "best_top1"), decimals=6).set_index("norm")
+    assert table.loc["layernorm", "relative_rise_mean"] == pytest.approx(8.5, abs=1e-6)
+    assert table.loc["layernorm", "relative_rise_std"] == pytest.approx(np.std([9, 8], ddof=1), abs=1e-6)
+    assert table.loc["none", "best_top1_mean"] == pytest.approx(40.0, abs=1e-6)
+    assert "last_top1_mean" not in table.columns and "gain_mean" not in table.columns  # no "method" column
+    with pytest.raises(ValueError, match=r"missing \['relative_rise'\]"):
+        over_seeds(runs.drop(columns="relative_rise"), values=("relative_rise",))
+
+
+def test_distinct_seeds_refuses_an_empty_or_repeated_list():
+    assert distinct_seeds([2, 0]) == [2, 0]
+    for seeds in ([], [1, 1]):
+        with pytest.raises(ValueError, match=r"one or more distinct seeds, e.g. \[0, 1, 2\]; got"):
+            distinct_seeds(seeds)

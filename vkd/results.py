@@ -52,20 +52,28 @@ def committed_teacher_row(checkpoint: str | Path) -> dict | None:
             "device": record.device, "git": record.vkd_revision}
 
 
-def over_seeds(results: pd.DataFrame, baseline: str | None = "ce", decimals: int = 2) -> pd.DataFrame:
+def distinct_seeds(seeds: list) -> list:
+    """``seeds`` as a notebook's ``seeds`` parameter must give it: one or more, none repeated."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must list one or more distinct seeds, e.g. [0, 1, 2]; got {seeds}")
+    return list(seeds)
+
+
+def over_seeds(results: pd.DataFrame, baseline: str | None = "ce", decimals: int = 2,
+               values: tuple[str, ...] = ("best_top1", "last_top1")) -> pd.DataFrame:
     """Mean and standard deviation (ddof 1; NaN for one seed) over seeds of every setting in ``results``.
 
-    ``results`` has one row per run with columns ``seed``, ``best_top1``, ``last_top1`` (% top-1) and
-    ``wall_s``; a setting is every other column but ``git``.  Returns one row per setting, in first-seen
-    order: ``seeds`` (how many runs), ``best_top1_mean/_std``, ``last_top1_mean/_std``, ``wall_s`` (mean), and,
-    when ``baseline`` names a method in ``results``, ``gain_mean/_std``: the paired gain in best top-1 over
-    the baseline run with the same seed (points; NaN for the teacher and where no such run exists).  The
-    statistics are rounded to ``decimals``, wall time to seconds."""
-    values, required = ["best_top1", "last_top1"], {"seed", "wall_s", "best_top1", "last_top1"}
+    ``results`` has one row per run with columns ``seed``, ``wall_s`` and each of ``values`` (by default
+    best and last % top-1); a setting is every other column but ``git``.  Returns one row per setting, in
+    first-seen order: ``seeds`` (how many runs), ``<value>_mean/_std`` for each value, ``wall_s`` (mean),
+    and, when ``baseline`` names a method in ``results``, ``gain_mean/_std``: the paired gain in best top-1
+    over the baseline run with the same seed (points; NaN for the teacher and where no such run exists).
+    The statistics are rounded to ``decimals``, wall time to seconds."""
+    values, required = list(values), {"seed", "wall_s", *values}
     if missing := required - set(results.columns):
         raise ValueError(f"over_seeds needs one row per run with columns {sorted(required)}; missing {sorted(missing)}")
     runs = results.copy()
-    if baseline is not None and (runs.method == baseline).any():
+    if baseline is not None and "method" in runs and (runs.method == baseline).any():
         reference = runs[runs.method == baseline].groupby("seed").best_top1.first()
         runs["gain"] = (runs.best_top1 - runs.seed.map(reference).astype(float)).where(runs.method != "teacher")
         values.append("gain")

@@ -162,12 +162,10 @@ totals = table[table.term == "total"]
 if {"none", "layernorm"} <= set(totals.norm):
     rise = totals.pivot(index="seed", columns="norm", values="relative_rise_mean")
     flatter = rise["layernorm"] < rise["none"]
-    if len(seeds) == 1:
-        by_norm, over = totals.set_index("norm"), f"{direction_pairs} pairs of directions"
-        means, spreads = by_norm.relative_rise_mean, by_norm.relative_rise_std
-    else:
-        by_norm, over = statistics[statistics.term == "total"].set_index("norm"), f"seeds {seeds}"
-        means, spreads = by_norm.relative_rise_mean, by_norm.relative_rise_std
+    # one seed: the spread over pairs of directions; several: the spread of the runs' rises over seeds
+    by_norm, over = ((totals.set_index("norm"), f"{direction_pairs} pairs of directions") if len(seeds) == 1
+                     else (statistics[statistics.term == "total"].set_index("norm"), f"seeds {seeds}"))
+    means, spreads = by_norm.relative_rise_mean, by_norm.relative_rise_std
     print(f"relative rise of the objective (mean ± std over {over}): layernorm {means['layernorm']:.2f} ± "
           f"{spreads['layernorm']:.2f}, none {means['none']:.2f} ± {spreads['none']:.2f}; flatter with the "
           f"standardised teacher at {flatter.sum()} of {len(flatter)} seed(s) -> "

@@ -83,6 +83,28 @@ def test_tensor_loader_draws_the_order_then_each_batch_crops_and_flips_in_turn()
             assert torch.equal(image, crop.flip(-1) if f else crop)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_tensor_loader_batches_do_not_depend_on_the_chunk_size(train):
+    images = torch.randint(0, 256, (45, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    tensors = data.TensorData(images, torch.arange(45) % 7, [str(i) for i in range(7)])
+
+    def epoch(chunk_size: int) -> list:
+        loader = data.TensorLoader(tensors, 8, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), train=train, pad=2, seed=5,
+                                   chunk_size=chunk_size)
+        loader.set_epoch(1)
+        chunk_sizes = [sizes for *_, sizes in loader.chunks()]
+        assert all(len(sizes) == max(1, chunk_size // 8) for sizes in chunk_sizes[:-1])  # whole batches each
+        return list(loader)
+
+    one_batch_each = epoch(8)
+    assert len(one_batch_each) == (5 if train else 6)  # 45 in batches of 8: the partial one kept for evaluation
+    for chunk_size in (24, 1000):
+        chunked = epoch(chunk_size)
+        assert len(chunked) == len(one_batch_each)
+        for got, expected in zip(chunked, one_batch_each, strict=True):
+            assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+
+
 def test_tensor_loader_eval_is_plain_normalisation():
     images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
     loader = data.TensorLoader(data.TensorData(images, torch.arange(5), []), 2, (0.5,) * 3, (0.25,) * 3, train=False)

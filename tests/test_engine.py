@@ -1,6 +1,7 @@
 import json
 import subprocess
 from dataclasses import replace
+from functools import partialmethod
 
 import pandas as pd
 import pytest
@@ -9,9 +10,11 @@ import torch
 
 from vkd import data
 from vkd.cli import main
+from vkd.distillers import Distiller
 from vkd.engine import (
     NonFiniteLossError,
     TrainConfig,
+    build_optimizer,
     compile_options,
     export_weights,
     git_revision,
@@ -115,6 +118,55 @@ def test_teacher_cache_gives_the_same_run(data_root, tmp_path):
     pd.testing.assert_series_equal(a.test_acc, b.test_acc)
     pd.testing.assert_series_equal(a.train_vkd, b.train_vkd, rtol=1e-3)  # teacher stored in float16
     assert plain["best_acc"] == cached["best_acc"]
+
+
+def test_teacher_cache_fills_a_chunk_of_batches_at_a_time(data_root, tmp_path, monkeypatch):
+    # on a GPU the loader serves 8192 images per chunk and the teacher fills the cache a chunk at a time
+    teacher = tmp_path / "runs/teacher/model.pt"
+    train(config(data_root, tmp_path, name="teacher", epochs=1))
+    common = dict(method="vkd", epochs=3, teacher="resnet8", teacher_checkpoint=str(teacher), teacher_cache_views=2)
+    by_batch = train(config(data_root, tmp_path, name="by-batch", **common))
+    teacher_batches = []
+    teacher_outputs = Distiller.teacher_outputs
+
+    def counted(self, images, pooled=False):
+        teacher_batches.append(len(images))
+        return teacher_outputs(self, images, pooled)
+
+    monkeypatch.setattr(Distiller, "teacher_outputs", counted)
+    monkeypatch.setattr(data.TensorLoader, "__init__", partialmethod(data.TensorLoader.__init__, chunk_size=6))
+    chunked = config(data_root, tmp_path, name="chunked", **common)
+    assert train(chunked, stop_after_epoch=1) == {"stopped_after_epoch": 1}
+    used = len(data.load_tensor_data("cifar10-jpeg", "train", data_root).labels) // 2 * 2  # whole batches of 2
+    per_view = [6] * (used // 6) + ([used % 6] if used % 6 else [])  # chunks of three batches
+    assert teacher_batches == per_view  # epoch 1 filled view 0
+    summary = train(chunked)  # resumed with an empty cache: epoch 2 fills view 1, epoch 3 view 0 again
+    assert teacher_batches == per_view * 3
+    a = pd.read_csv(tmp_path / "runs/by-batch/metrics.csv")
+    b = pd.read_csv(tmp_path / "runs/chunked/metrics.csv")
+    pd.testing.assert_series_equal(a.test_acc, b.test_acc)
+    pd.testing.assert_series_equal(a.train_vkd, b.train_vkd, rtol=1e-3)  # the teacher at another batch size
+    assert by_batch["best_acc"] == summary["best_acc"]
+
+
+def test_on_a_gpu_the_optimizer_steps_fused_and_as_the_unfused_one():
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(3)]
+    grads = [torch.randn_like(w) for w in weights]
+    updated = {}
+    for device in ("cpu", "cuda"):  # "cuda" only chooses the fused step; it runs here on the CPU
+        parameters = [torch.nn.Parameter(w.clone()) for w in weights]
+        optimizer = build_optimizer(parameters, "sgd", 0.1, 5e-4, 0.9, torch.device(device))
+        assert bool(optimizer.defaults.get("fused")) == (device == "cuda") and optimizer.defaults["nesterov"]
+        for _ in range(3):
+            for parameter, grad in zip(parameters, grads, strict=True):
+                parameter.grad = grad.clone()
+            optimizer.step()
+        updated[device] = parameters
+    for a, b in zip(updated["cpu"], updated["cuda"], strict=True):
+        torch.testing.assert_close(a, b)
+    assert "fused" not in build_optimizer([torch.nn.Parameter(weights[0])], "lamb", 0.1, 0, 0.9,
+                                          torch.device("cuda")).defaults
 
 
 def test_non_finite_loss_stops_with_a_clear_message(data_root, tmp_path):

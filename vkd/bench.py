@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .engine import resolve_device
+from .engine import build_optimizer, resolve_device
 from .projectors import ORTHOGONAL_METHODS, OrthogonalProjector
 
 
@@ -149,7 +149,7 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
     cached = (cached[0].float(), cached[1].float())
     steps_by_name = {}
     for name, model in setups.items():
-        optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.01, momentum=0.9)
+        optimizer = build_optimizer(model.trainable_parameters(), "sgd", 0.05, 5e-4, 0.9, device)
         outputs = cached if "cached" in name else None
         steps_by_name[name] = synchronized(
             lambda d=model, o=optimizer, t=outputs: train_step(d, o, images, labels, 0, t, autocast), device)
@@ -185,7 +185,7 @@ def bench_deit(student: str = "deit_tiny_distilled_patch16_224", teacher: str = 
     for name, (config, frozen_teacher) in configs.items():
         model = Distiller(timm.create_model(student, num_classes=num_classes), frozen_teacher, config)
         model = model.to(device, memory_format=memory_format)
-        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=5e-4, weight_decay=0.05, fused=gpu)
+        optimizer = build_optimizer(model.trainable_parameters(), "adamw", 5e-4, 0.05, 0.9, device)
         steps_by_name[name] = synchronized(
             lambda d=model, o=optimizer: train_step(d, o, images, labels, 0, None, autocast), device)
     seconds = time_interleaved(steps_by_name, reps=steps, warmup=3 if gpu else 0)

@@ -242,14 +242,22 @@ class TensorLoader:
     ``indices`` (B,) are the samples' positions in the data (for per-sample caches).
     ``augment=True``: random crop with zero padding ``pad`` and horizontal flip, drawn per sample from
     a generator seeded with (seed, epoch), so an epoch's batches are reproducible (exact resume).
-    With ``world`` > 1 processes, each serves its share (:func:`epoch_order`) in batches of ``batch_size``."""
+    With ``world`` > 1 processes, each serves its share (:func:`epoch_order`) in batches of ``batch_size``.
+    The images are gathered, augmented and normalised ``chunk_size`` at a time (whole batches) and the
+    batches are slices of that: a few tensor operations per chunk instead of per step, which on a GPU
+    keeps the host ahead of small models' steps.  Default: 8192 images on a GPU, one batch on the CPU
+    (where those operations cost little next to a step, and cache-sized ones are faster: an epoch of
+    CIFAR-10 at batch 64 takes 0.8 s per batch and 1.5 s in chunks of 8192 on 2 cores).  Every operation
+    is per element, so the batches do not depend on ``chunk_size``."""
 
     def __init__(self, data: TensorData, batch_size: int, mean, std, train: bool, device: str | torch.device = "cpu",
-                 pad: int = 4, seed: int = 0, drop_last: bool | None = None, rank: int = 0, world: int = 1):
+                 pad: int = 4, seed: int = 0, drop_last: bool | None = None, rank: int = 0, world: int = 1,
+                 chunk_size: int | None = None):
         self.device = torch.device(device)
         self.images, self.labels = data.images.to(self.device), data.labels.to(self.device)
         self.batch_size, self.train, self.pad, self.seed = batch_size, train, pad, seed
         self.rank, self.world = rank, world
+        self.chunk_size = chunk_size or (8192 if self.device.type == "cuda" else batch_size)
         self.drop_last = train if drop_last is None else drop_last
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
@@ -261,17 +269,17 @@ class TensorLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _crops_and_flips(self, sizes: list[int], generator: torch.Generator) -> list[torch.Tensor]:
-        """Per batch of ``sizes``, its (3, B) offsets dy, dx and flip flags on the device -- drawn batch by batch
-        in the order the batches use them, but copied to the device once an epoch (a copy from host memory
-        waits for the GPU to finish its queue; one per step would keep the host from running ahead)."""
+    def _crops_and_flips(self, sizes: list[int], generator: torch.Generator) -> torch.Tensor:
+        """(3, sum(sizes)) offsets dy, dx and flip flags on the device -- drawn batch by batch in the order the
+        batches use them, but copied to the device once an epoch (a copy from host memory waits for the GPU
+        to finish its queue; one per step would keep the host from running ahead)."""
         draws = []
         for n in sizes:
             dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator)
             dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator)
             flip = torch.rand(n, generator=generator) < 0.5
             draws.append(torch.stack([dy, dx, flip.long()]))
-        return list(torch.cat(draws, 1).to(self.device).split(sizes, 1)) if draws else []
+        return torch.cat(draws, 1).to(self.device) if draws else torch.zeros(3, 0, dtype=torch.long)
 
     def _augment(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         n, _, h, w = images.shape
@@ -284,17 +292,28 @@ class TensorLoader:
         channel = torch.arange(images.shape[1], device=self.device).view(1, -1, 1, 1)
         return padded[batch, channel, rows, cols.view(n, 1, 1, w)]
 
-    def __iter__(self):
+    def chunks(self, size: int | None = None):
+        """The epoch as ``(images, labels, indices, batch sizes)`` of consecutive runs of whole batches, about
+        ``size`` (default ``chunk_size``) images each; the batches are the chunks' slices of those sizes."""
+        per_chunk = max(1, (size or self.chunk_size) // self.batch_size)
         generator = epoch_generator(self.seed, self.epoch)  # draws the order, then the crops and flips
         order = epoch_order(len(self.labels), self.train, generator, self.rank, self.world).to(self.device)
         sizes = [min(self.batch_size, len(order) - i * self.batch_size) for i in range(len(self))]
-        draws = self._crops_and_flips(sizes, generator) if self.train else []
-        for i in range(len(self)):
-            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+        draws = self._crops_and_flips(sizes, generator) if self.train else None
+        start = 0
+        for first in range(0, len(sizes), per_chunk):
+            chunk_sizes = sizes[first:first + per_chunk]
+            end = start + sum(chunk_sizes)
+            index = order[start:end]
             images = self.images[index].float()
             if self.train:
-                images = self._augment(images, draws[i])
-            yield (images - self.mean) / self.std, self.labels[index], index
+                images = self._augment(images, draws[:, start:end])
+            yield (images - self.mean) / self.std, self.labels[index], index, chunk_sizes
+            start = end
+
+    def __iter__(self):
+        for images, labels, index, sizes in self.chunks():
+            yield from zip(images.split(sizes), labels.split(sizes), index.split(sizes), strict=True)
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -339,6 +358,11 @@ class FolderLoader:
         for images, labels, index in loader:
             yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
                    index.to(self.device))
+
+    def chunks(self):
+        """The epoch's batches in :meth:`TensorLoader.chunks`' form, a chunk of one batch each."""
+        for images, labels, index in self:
+            yield images, labels, index, [len(labels)]
 
 
 def test_batch(name: str, count: int, seed: int = 0, root: str | Path = "data", download: bool = False):

@@ -9,6 +9,7 @@ the same name resumes from it exactly) and ``model.pt`` (the final student weigh
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, get_optimizer_class
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -431,9 +432,11 @@ class TeacherCache:
 
     Epoch e uses augmentation view e mod views (the loader replays that view's shuffle, crops and
     flips), so from epoch ``views`` on the teacher is never run again.  Features are stored pooled,
-    (d_t,) per image: exact for the pooled feature losses (VkD, SRD) and the logit losses.  A view
-    counts as filled once an epoch over it has ended (``complete``); an epoch replays exactly the
-    batches of the first pass, so no per-sample bookkeeping (and no device synchronisation) is needed."""
+    (d_t,) per image: exact for the pooled feature losses (VkD, SRD) and the logit losses.  ``lookup``
+    takes a loader's chunk (:meth:`vkd.data.TensorLoader.chunks`): on a GPU thousands of images, so
+    the teacher filling the cache runs in large batches, not launch-bound at the training batch.  A
+    view counts as filled once an epoch over it has ended (``complete``); an epoch replays exactly the
+    chunks of the first pass, so no per-sample bookkeeping (and no device synchronisation) is needed."""
 
     def __init__(self, views: int, num_samples: int, device: torch.device):
         self.views, self.num_samples, self.device = views, num_samples, device
@@ -448,7 +451,11 @@ class TeacherCache:
         """Record that an epoch over ``view`` has ended: its entries are filled from now on."""
         self.filled.add(view)
 
-    def lookup(self, view: int, index: torch.Tensor, distiller: Distiller, images: torch.Tensor):
+    @torch.no_grad()
+    def lookup(self, view: int, index: torch.Tensor, distiller: Distiller,
+               images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's pooled features (N, d_t) and logits (N, C), float32, for ``images`` (N, 3, H, W), the
+        samples ``index`` (N,) in augmentation ``view``: from the cache, or from the teacher (then stored)."""
         if view in self.filled:
             return self.features[view, index].float(), self.logits[view, index].float()
         pooled, logits = distiller.teacher_outputs(images, pooled=True)
@@ -483,6 +490,17 @@ def train_step(distiller: Distiller, optimizer, images, labels, epoch: int | tor
     optimizer.step()
     distiller.after_optimizer_step()
     return logits, terms
+
+
+def build_optimizer(parameters, name: str, lr: float, weight_decay: float, momentum: float,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """timm's optimizer ``name`` (``sgd`` is Nesterov SGD), over ``parameters`` on ``device``.  On a GPU, torch's
+    fused step where the optimizer has one (SGD, Adam, AdamW): one kernel instead of several per parameter
+    group, which matters when a small model's steps are bound by kernel launches."""
+    optimizer_class = get_optimizer_class(name, bind_defaults=False)
+    fused = device.type == "cuda" and "fused" in inspect.signature(optimizer_class).parameters
+    return create_optimizer_v2(parameters, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                               **({"fused": True} if fused else {}))
 
 
 def _scheduler(config: TrainConfig, optimizer):
@@ -534,8 +552,8 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         seed_everything(config.seed + processes.rank)  # dropout, drop-path, mixup, augmentation: a stream per process
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
-    optimizer = create_optimizer_v2(distiller.trainable_parameters(), opt=config.optimizer, lr=config.lr,
-                                    weight_decay=config.weight_decay, momentum=config.momentum)
+    optimizer = build_optimizer(distiller.trainable_parameters(), config.optimizer, config.lr, config.weight_decay,
+                                config.momentum, device)
     scheduler = _scheduler(config, optimizer)
     cache = None  # pooled features only: FitNet's hint needs the teacher's maps, so it runs the teacher
     if config.teacher_cache_views and distiller.teacher is not None and "fitnet" not in distiller.losses:
@@ -595,32 +613,39 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device)
         seen = 0
-        bar = tqdm(train_loader, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
+        bar = tqdm(total=len(train_loader), desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=not (config.progress and processes.main), mininterval=2)
-        for images, labels, index in bar:
+        for chunk, chunk_labels, index, sizes in train_loader.chunks():  # several batches at once on a GPU
             if device.type == "cuda" and config.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                outputs = cache.lookup(view, index, distiller, images) if cache is not None else None
-            targets = labels
-            if mixup is not None:
-                images, targets = mixup(images, labels)
-            elif config.label_smoothing:
-                targets = mixup_target(labels, num_classes, smoothing=config.label_smoothing)
-            try:
-                logits, terms = train_step(distiller, optimizer, images, targets, epoch_on_device, outputs, autocast,
-                                           model, config.clip_grad)
-            except NonFiniteLossError as error:
-                non_finite(epoch, str(error))
-            if ema is not None:
-                ema.update(distiller.student, step=step)
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0) + value.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
-            step += 1
-            if probe is not None and probe_every and step % probe_every == 0:
-                record_probe(epoch + (seen / len(train_loader.labels)), step)
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            teacher_outputs = [None] * len(sizes)
+            if cache is not None:
+                with autocast:
+                    features, teacher_logits = cache.lookup(view, index, distiller, chunk)
+                teacher_outputs = list(zip(features.split(sizes), teacher_logits.split(sizes), strict=True))
+            for images, labels, outputs in zip(chunk.split(sizes), chunk_labels.split(sizes), teacher_outputs,
+                                               strict=True):
+                targets = labels
+                if mixup is not None:
+                    images, targets = mixup(images, labels)
+                elif config.label_smoothing:
+                    targets = mixup_target(labels, num_classes, smoothing=config.label_smoothing)
+                try:
+                    logits, terms = train_step(distiller, optimizer, images, targets, epoch_on_device, outputs,
+                                               autocast, model, config.clip_grad)
+                except NonFiniteLossError as error:
+                    non_finite(epoch, str(error))
+                if ema is not None:
+                    ema.update(distiller.student, step=step)
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0) + value.detach() * len(labels)
+                correct += (logits.argmax(1) == labels).sum()
+                seen += len(labels)
+                step += 1
+                bar.update()
+                if probe is not None and probe_every and step % probe_every == 0:
+                    record_probe(epoch + (seen / len(train_loader.labels)), step)
+        bar.close()
         totals = processes.sum(torch.stack([*sums.values(), correct, torch.tensor(seen, device=device)]).double())
         sums = dict(zip(sums, totals[:-2], strict=True))
         correct, seen = totals[-2].item(), totals[-1].item()

@@ -51,6 +51,7 @@ seeds: list = [0]  # student seeds (each also draws the data fractions); the tea
 device: str = "auto"  # auto | cpu | cuda
 parallel: int = 1  # students trained at once, as separate processes (several share one GPU well)
 compile: bool = False  # torch.compile the training forward; also a mode name ("reduce-overhead": CUDA graphs)
+cuda_graph: bool = False  # GPU: replay each whole training step as one CUDA graph (SGD; compile true or false)
 
 # %%
 import json
@@ -68,7 +69,7 @@ figures = output_dir(figures_dir)
 tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
 common = dict(out_dir=f"{runs_dir}/{tag}", dataset=dataset, download=download, fraction=fraction,
               test_fraction=test_fraction, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seeds[0],
-              device=device, compile=compile)
+              device=device, compile=compile, cuda_graph=cuda_graph)
 
 # %% [markdown]
 # ## Teacher

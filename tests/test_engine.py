@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from vkd import data
+from vkd import data, engine
 from vkd.cli import main
 from vkd.distillers import Distiller
 from vkd.engine import (
@@ -39,9 +39,15 @@ def config(root, tmp_path, **changes):
     return TrainConfig(**{**base, **changes})
 
 
-def test_resumed_run_equals_uninterrupted_run(data_root, tmp_path):
-    full = train(config(data_root, tmp_path, name="full"))
-    interrupted = config(data_root, tmp_path, name="split")
+@pytest.mark.parametrize("distilled", [False, True])
+def test_resumed_run_equals_uninterrupted_run(data_root, tmp_path, distilled):
+    settings = {}
+    if distilled:  # from a teacher cache of 2 views: epoch 3 reads view 0, which the interrupted process filled
+        train(config(data_root, tmp_path, name="teacher", epochs=1))
+        settings = dict(method="vkd", teacher="resnet8", teacher_checkpoint=str(tmp_path / "runs/teacher/model.pt"),
+                        teacher_cache_views=2)
+    full = train(config(data_root, tmp_path, name="full", **settings))
+    interrupted = config(data_root, tmp_path, name="split", **settings)
     assert train(interrupted, stop_after_epoch=1) == {"stopped_after_epoch": 1}
     resumed = train(interrupted)
     assert resumed["best_acc"] == full["best_acc"] and resumed["last_acc"] == full["last_acc"]
@@ -147,6 +153,46 @@ def test_teacher_cache_fills_a_chunk_of_batches_at_a_time(data_root, tmp_path, m
     pd.testing.assert_series_equal(a.test_acc, b.test_acc)
     pd.testing.assert_series_equal(a.train_vkd, b.train_vkd, rtol=1e-3)  # the teacher at another batch size
     assert by_batch["best_acc"] == summary["best_acc"]
+
+
+def test_a_captured_step_gives_the_eager_run_bit_for_bit(data_root, tmp_path, monkeypatch):
+    # on the CPU the CUDA-graph step runs its bookkeeping (warm-up steps undone, fixed inputs, re-capture when
+    # the learning rate drops, accumulators inside the step) and then the step itself: the run must not change
+    teacher = tmp_path / "runs/teacher/model.pt"
+    train(config(data_root, tmp_path, name="teacher", epochs=1))
+    common = dict(method="vkd", epochs=3, teacher="resnet8", teacher_checkpoint=str(teacher), teacher_cache_views=2,
+                  milestones=(0.5,))  # the rate drops after epoch 1
+    train(config(data_root, tmp_path, name="eager", **common))
+    recordings = []
+    record = engine._record_eagerly
+
+    def counted(step, warmup):
+        recordings.append(warmup)
+        return record(step, warmup)
+
+    monkeypatch.setattr(engine, "_record_eagerly", counted)
+    train(config(data_root, tmp_path, name="captured", cuda_graph=True, **common))
+    assert recordings == [3, 3]  # epoch 1, and epoch 2 at the new rate
+    split = config(data_root, tmp_path, name="split", cuda_graph=True, **common)
+    train(split, stop_after_epoch=1)
+    train(split)
+    assert recordings == [3] * 4  # the resumed process captures again (epoch 2), and only then
+    eager = torch.load(tmp_path / "runs/eager/model.pt")["model"]
+    expected = pd.read_csv(tmp_path / "runs/eager/metrics.csv").drop(columns="epoch_seconds")
+    for name in ("captured", "split"):
+        weights = torch.load(tmp_path / f"runs/{name}/model.pt")["model"]
+        assert all(torch.equal(weights[k], eager[k]) for k in eager), name
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / f"runs/{name}/metrics.csv").drop(columns="epoch_seconds"),
+                                      expected, check_exact=True)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    (dict(optimizer="adamw"), "cuda_graph supports SGD .* got 'adamw'"),
+    (dict(compile="reduce-overhead"), "compile 'reduce-overhead' captures CUDA graphs too"),
+])
+def test_a_captured_step_refuses_what_it_cannot_capture(data_root, tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        train(config(data_root, tmp_path, epochs=1, cuda_graph=True, **changes))
 
 
 def test_on_a_gpu_the_optimizer_steps_fused_and_as_the_unfused_one():
@@ -335,3 +381,14 @@ def test_progress_bars_follow_the_environment_switch(monkeypatch):
     assert not TrainConfig().progress
     monkeypatch.setenv("VKD_PROGRESS", "1")
     assert TrainConfig().progress
+
+
+def test_bench_train_times_each_setup_and_the_captured_steps():
+    from vkd.bench import bench_train
+
+    table = bench_train("resnet8", "resnet8", batch=4, steps=1, cuda_graph=True)
+    assert list(table.setup) == ["student alone (ce)", "vkd, cached teacher", "vkd, teacher on the fly",
+                                 "student alone (ce), captured", "vkd, cached teacher, captured"]
+    assert (table.ms_per_step > 0).all() and table.time_vs_student_alone.iloc[0] == 1
+    with pytest.raises(ValueError, match="captures CUDA graphs too"):
+        bench_train("resnet8", "resnet8", batch=4, steps=1, compile="reduce-overhead", cuda_graph=True)

@@ -115,16 +115,22 @@ def _synthetic_batch(device: str, batch: int, image_size: int, num_classes: int,
 
 def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str = "vkd", batch: int = 64,
                 steps: int = 20, num_classes: int = 10, image_size: int = 32, device: str = "cpu",
-                method_options: dict | None = None, compile: bool | str = False, seed: int = 0) -> pd.DataFrame:
+                method_options: dict | None = None, compile: bool | str = False, cuda_graph: bool = False,
+                seed: int = 0) -> pd.DataFrame:
     """Training-step throughput (images/s) of the student alone, and with ``method`` distilling from
     ``teacher`` with teacher outputs from the cache (steady state) and computed on the fly.
 
     On a GPU the steps run as the engine runs them: bf16 autocast, channels_last, synchronised per step;
-    ``compile`` as the engine's setting (True or a torch.compile mode; compiled during the warm-up steps)."""
+    ``compile`` as the engine's setting (True or a torch.compile mode; compiled during the warm-up steps).
+    ``cuda_graph`` adds the student alone and the cached-teacher step as the engine's ``cuda_graph`` runs them
+    ("captured": :class:`vkd.engine.CapturedStep`, on a GPU one CUDA graph replayed per step)."""
     import timm
 
     from .distillers import Distiller, MethodConfig
-    from .engine import compile_options, train_step
+    from .engine import CapturedStep, check_cuda_graph, compile_options, step_state, train_step
+
+    if cuda_graph:
+        check_cuda_graph(compile, "sgd")
 
     device, memory_format, images, labels, autocast = _synthetic_batch(device, batch, image_size, num_classes, seed)
     gpu = device.type == "cuda"
@@ -144,13 +150,23 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
         f"{method}, cached teacher": distiller(method, True),
         f"{method}, teacher on the fly": distiller(method, True),
     }
+    if cuda_graph:
+        setups.update({"student alone (ce), captured": distiller("ce", False),
+                       f"{method}, cached teacher, captured": distiller(method, True)})
     with autocast:  # as TeacherCache returns them
         cached = setups[f"{method}, cached teacher"].teacher_outputs(images, pooled=True)
     cached = (cached[0].float(), cached[1].float())
+    captured_autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu, cache_enabled=False)
     steps_by_name = {}
     for name, model in setups.items():
         optimizer = build_optimizer(model.trainable_parameters(), "sgd", 0.05, 5e-4, 0.9, device)
         outputs = cached if "cached" in name else None
+        if name.endswith("captured"):
+            step = CapturedStep(lambda x, y, *t, d=model, o=optimizer: train_step(d, o, x, y, 0, t or None,
+                                                                                 captured_autocast),
+                                lambda d=model, o=optimizer: step_state(d, o), lambda: None, device)
+            steps_by_name[name] = synchronized(lambda s=step, t=outputs: s(images, labels, *(t or ())), device)
+            continue
         steps_by_name[name] = synchronized(
             lambda d=model, o=optimizer, t=outputs: train_step(d, o, images, labels, 0, t, autocast), device)
     seconds = time_interleaved(steps_by_name, reps=steps, warmup=3 if gpu or compile else 0)

@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                                                             "(reduce-overhead: CUDA graphs)")
     training.add_argument("--option", nargs=2, action="append", metavar=("NAME", "VALUE"),
                           help="a method option (vkd.distillers.MethodConfig field; VALUE read as YAML)")
+    training.add_argument("--cuda-graph", action="store_true",
+                          help="add the steps as TrainConfig's cuda_graph runs them (one CUDA graph per step)")
 
     gan = bench_kind.add_parser("gan", help="GAN iteration: DiffAugment alone vs with VkD (each normalisation)")
     gan.add_argument("--channels", type=int, default=32)
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
         compiled = yaml.safe_load(args.compile)
         table = bench_train(args.student, args.teacher, args.method, args.batch, args.steps, device=args.device,
-                            method_options=_parse_overrides(args.option), compile=compiled)
+                            method_options=_parse_overrides(args.option), compile=compiled,
+                            cuda_graph=args.cuda_graph)
         print(f"training steps of {args.student} (teacher {args.teacher}), batch {args.batch}, 32 px, "
               f"compile {compiled}, {_where(args.device)}")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))

@@ -164,6 +164,8 @@ class TrainConfig(RunConfig):
     ema_decay: float = 0.0  # >0: also keep and evaluate an exponential moving average of the student
     compile: bool | str = False  # torch.compile the training forward (student, teacher, losses): True, or a mode
     # of torch.compile ("reduce-overhead": CUDA graphs, for small models whose steps are launch-bound on a GPU)
+    cuda_graph: bool = False  # replay the whole step (forward, backward, SGD update, retraction) as one CUDA graph
+    # (CapturedStep; one process, SGD; with compile true or false, not a CUDA-graph mode of it)
     progress: bool = field(default_factory=progress_default)  # tqdm bars
 
     def run(self, stop_after: int | None = None) -> dict:
@@ -468,6 +470,17 @@ class TeacherCache:
         self.logits[view, index] = logits.half()
         return pooled.float(), logits.float()
 
+    def refill(self, epochs_done: int, loader, distiller: Distiller, prepare: Callable, autocast) -> None:
+        """After a resume: fill the views that the first ``epochs_done`` epochs filled, chunk by chunk as they
+        did (``prepare`` gives a chunk the training memory format), so that the resumed run reads the stored
+        float16 values where the uninterrupted one would have (the filling epoch itself uses full precision)."""
+        for view in sorted({self.view(e) for e in range(epochs_done)}):
+            loader.set_epoch(view)
+            for images, _, index, _ in loader.chunks():
+                with autocast:
+                    self.lookup(view, index, distiller, prepare(images))
+            self.complete(view)
+
 
 def train_step(distiller: Distiller, optimizer, images, labels, epoch: int | torch.Tensor = 0, teacher_outputs=None,
                autocast=None, model: nn.Module | None = None,
@@ -490,6 +503,83 @@ def train_step(distiller: Distiller, optimizer, images, labels, epoch: int | tor
     optimizer.step()
     distiller.after_optimizer_step()
     return logits, terms
+
+
+def check_cuda_graph(compile: bool | str, optimizer: str, processes: int = 1) -> None:
+    """Refuse the settings that a captured step (``cuda_graph``) cannot run with, saying why."""
+    if processes > 1:
+        raise ValueError(f"cuda_graph captures one process's step; this run has {processes} processes")
+    if compile in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"cuda_graph captures the whole step itself; compile {compile!r} captures CUDA graphs "
+                         "too: use compile true (or \"max-autotune-no-cudagraphs\") or false")
+    if get_optimizer_class(optimizer, bind_defaults=False) is not torch.optim.SGD:
+        raise ValueError(f"cuda_graph supports SGD (optimizer sgd, momentum or nesterov), got {optimizer!r}: "
+                         "another optimizer's step count would be frozen into the graph")
+
+
+def _record_cuda_graph(step: Callable[[], None], warmup: int) -> Callable[[], None]:
+    """Run ``step`` ``warmup`` times on a side stream (lazy initialisation, cuDNN's choice, compilation), then
+    capture one call in a CUDA graph; returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _record_eagerly(step: Callable[[], None], warmup: int) -> Callable[[], None]:
+    """The CPU's stand-in for :func:`_record_cuda_graph`: the same warm-up calls, then ``step`` itself."""
+    for _ in range(warmup):
+        step()
+    return step
+
+
+class CapturedStep:
+    """``step(*inputs)`` replayed from a CUDA graph: the inputs are copied into fixed tensors and one graph
+    launch runs every kernel of the step, so the host's cost no longer grows with the number of kernels.
+
+    ``state()`` lists every tensor the step changes (parameters, buffers, optimiser state, accumulators).
+    The capture runs ``warmup`` real steps first; afterwards each of those tensors is put back as it was,
+    and one created by them (SGD's momentum, a lazily made accumulator) is zeroed -- which is how it
+    starts, so the run is the one it would have been without the warm-up.  Python numbers that a step
+    uses are frozen into the graph: ``frozen()`` returns them (the learning rates), and the step is captured
+    again when they change.  On the CPU the same bookkeeping runs and each call simply runs ``step``."""
+
+    def __init__(self, step: Callable, state: Callable[[], list[torch.Tensor]], frozen: Callable[[], object],
+                 device: torch.device, warmup: int = 3):
+        self.step, self.state, self.frozen, self.warmup = step, state, frozen, warmup
+        self.record = _record_cuda_graph if device.type == "cuda" else _record_eagerly
+        self.inputs: list[torch.Tensor] = []
+        self.replay: Callable[[], None] | None = None
+        self.captured_with: object = None
+
+    def __call__(self, *inputs: torch.Tensor) -> None:
+        if self.replay is None or self.frozen() != self.captured_with:
+            self.captured_with = self.frozen()
+            self.inputs = [x.clone() for x in inputs]
+            before = {id(t): t.clone() for t in self.state()}
+            self.replay = self.record(lambda: self.step(*self.inputs), self.warmup)
+            with torch.no_grad():
+                for tensor in self.state():
+                    if id(tensor) in before:
+                        tensor.copy_(before[id(tensor)])
+                    else:
+                        tensor.zero_()
+        for fixed, x in zip(self.inputs, inputs, strict=True):
+            fixed.copy_(x)
+        self.replay()
+
+
+def step_state(distiller: Distiller, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor a training step changes: the trainable parameters, the student's and the loss modules'
+    buffers (BatchNorm statistics), the optimiser's state (momentum)."""
+    return [*distiller.trainable_parameters(), *distiller.student.buffers(), *distiller.losses.buffers(),
+            *(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))]
 
 
 def build_optimizer(parameters, name: str, lr: float, weight_decay: float, momentum: float,
@@ -550,7 +640,8 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         model = torch.nn.parallel.DistributedDataParallel(
             distiller, device_ids=[device.index] if device.type == "cuda" else None)
         seed_everything(config.seed + processes.rank)  # dropout, drop-path, mixup, augmentation: a stream per process
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda",
+                              cache_enabled=not config.cuda_graph)  # a captured step cannot reuse cached casts
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
     optimizer = build_optimizer(distiller.trainable_parameters(), config.optimizer, config.lr, config.weight_decay,
                                 config.momentum, device)
@@ -602,22 +693,47 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         if probe is not None:
             record_probe(0, 0)
     step = start_epoch * len(train_loader)
+    sums: dict[str, torch.Tensor] = {}  # an epoch's sums over its steps of each loss term times the batch size
+    correct = torch.zeros((), device=device)  # and of the correctly classified training images
+    epoch_on_device = torch.tensor(0, device=device)  # a tensor: a compiled forward is not re-traced per epoch
+
+    def training_step(images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, *teacher: torch.Tensor):
+        logits, terms = train_step(distiller, optimizer, images, targets, epoch_on_device, teacher or None, autocast,
+                                   model, config.clip_grad)
+        for name, value in terms.items():
+            sums.setdefault(name, torch.zeros((), device=device)).add_(value.detach() * len(labels))
+        correct.add_((logits.argmax(1) == labels).sum())
+
+    def prepare(chunk: torch.Tensor) -> torch.Tensor:
+        """Images in the memory format the networks run in."""
+        if device.type == "cuda" and config.channels_last:
+            return chunk.contiguous(memory_format=torch.channels_last)
+        return chunk
+
+    if cache is not None and start_epoch:
+        cache.refill(start_epoch, train_loader, distiller, prepare, autocast)
+    if config.cuda_graph:
+        check_cuda_graph(config.compile, config.optimizer, processes.world)
+
+        def state() -> list[torch.Tensor]:
+            return [*step_state(distiller, optimizer), *sums.values(), correct]
+
+        training_step = CapturedStep(training_step, state, lambda: [g["lr"] for g in optimizer.param_groups], device)
 
     for epoch in range(start_epoch, config.epochs):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
         view = cache.view(epoch) if cache is not None else epoch
-        epoch_on_device = torch.tensor(epoch, device=device)  # a tensor: a compiled forward is not re-traced per epoch
+        epoch_on_device.fill_(epoch)
         train_loader.set_epoch(view)
         distiller.train()
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=device)
+        for total in (*sums.values(), correct):
+            total.zero_()
         seen = 0
         bar = tqdm(total=len(train_loader), desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=not (config.progress and processes.main), mininterval=2)
         for chunk, chunk_labels, index, sizes in train_loader.chunks():  # several batches at once on a GPU
-            if device.type == "cuda" and config.channels_last:
-                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            chunk = prepare(chunk)
             teacher_outputs = [None] * len(sizes)
             if cache is not None:
                 with autocast:
@@ -631,15 +747,11 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
                 elif config.label_smoothing:
                     targets = mixup_target(labels, num_classes, smoothing=config.label_smoothing)
                 try:
-                    logits, terms = train_step(distiller, optimizer, images, targets, epoch_on_device, outputs,
-                                               autocast, model, config.clip_grad)
+                    training_step(images, targets, labels, *(outputs or ()))
                 except NonFiniteLossError as error:
                     non_finite(epoch, str(error))
                 if ema is not None:
                     ema.update(distiller.student, step=step)
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0) + value.detach() * len(labels)
-                correct += (logits.argmax(1) == labels).sum()
                 seen += len(labels)
                 step += 1
                 bar.update()
@@ -647,18 +759,18 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
                     record_probe(epoch + (seen / len(train_loader.labels)), step)
         bar.close()
         totals = processes.sum(torch.stack([*sums.values(), correct, torch.tensor(seen, device=device)]).double())
-        sums = dict(zip(sums, totals[:-2], strict=True))
-        correct, seen = totals[-2].item(), totals[-1].item()
-        if not all(torch.isfinite(v).item() for v in sums.values()):
-            summed = {k: float(v) for k, v in sums.items()}
-            non_finite(epoch, f"non-finite loss in this epoch (summed terms {summed})")
+        summed = dict(zip(sums, totals[:-2], strict=True))
+        correct_total, seen = totals[-2].item(), totals[-1].item()
+        if not all(torch.isfinite(v).item() for v in summed.values()):
+            values = {k: float(v) for k, v in summed.items()}
+            non_finite(epoch, f"non-finite loss in this epoch (summed terms {values})")
         if cache is not None:
             cache.complete(view)
         scheduler.step(epoch + 1)
         row = {"epoch": epoch + 1, "lr": lr}
-        row.update({f"train_{k}": (v / seen).item() for k, v in sums.items()})
-        row["train_loss"] = sum(row[f"train_{k}"] for k in sums)
-        row["train_acc"] = 100.0 * correct / seen
+        row.update({f"train_{k}": (v / seen).item() for k, v in summed.items()})
+        row["train_loss"] = sum(row[f"train_{k}"] for k in summed)
+        row["train_acc"] = 100.0 * correct_total / seen
         row.update(evaluate(distiller.student, test_loader, autocast, processes))
         if ema is not None:
             row.update({f"{k}_ema": v for k, v in evaluate(ema.module, test_loader, autocast, processes).items()})

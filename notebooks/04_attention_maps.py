@@ -49,7 +49,7 @@ weight_decay: float = 0.05
 images_shown: int = 4  # test images in the attention figure
 equivariance_images: int = 256  # test images over which µ_T is averaged
 teacher_cache_views: int = 0
-seed: int = 0
+seeds: list = [0]  # student seeds (each draws its µ_T images); the teacher and the figures use the first
 device: str = "auto"
 
 # %%
@@ -62,34 +62,39 @@ import torch
 from vkd import analysis, data
 from vkd.engine import TrainConfig, load_weights, train, train_teacher
 from vkd.paths import output_dir
+from vkd.results import distinct_seeds, over_seeds
 
+seeds = distinct_seeds(seeds)
 figures = output_dir(figures_dir)
 tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
-common = dict(dataset=dataset, download=download, fraction=fraction, test_fraction=test_fraction, seed=seed,
+common = dict(dataset=dataset, download=download, fraction=fraction, test_fraction=test_fraction, seed=seeds[0],
               device=device)
 teacher_weights, _ = train_teacher(teacher, teacher_epochs, teacher_checkpoint, out_dir=f"{teachers_dir}/{tag}",
                                    batch_size=64, lr=teacher_lr, **common)
 
 # %%
-summaries, models = {}, {}
-for method in methods:
-    config = TrainConfig(student=student, student_options={"depth": student_depth}, method=method, epochs=epochs,
-                         batch_size=batch_size, optimizer="adamw", lr=lr, weight_decay=weight_decay,
-                         schedule="cosine", teacher=None if method == "ce" else teacher,
-                         teacher_checkpoint=None if method == "ce" else teacher_weights,
-                         teacher_cache_views=0 if method == "ce" else teacher_cache_views,
-                         out_dir=f"{runs_dir}/{tag}", **common).named(f"{method}-{student}")
-    summaries[method] = train(config)
-    models[method] = timm.create_model(student, num_classes=data.NUM_CLASSES[dataset], depth=student_depth)
-    load_weights(models[method], config.run_dir() / "model.pt")
-    models[method].eval()
-    print(f"{method:4s} best {summaries[method]['best_acc']:.2f} %")
+summaries, students = {}, {}  # (method, seed) -> run summary, trained student (eval mode)
+for seed in seeds:
+    for method in methods:
+        config = TrainConfig(student=student, student_options={"depth": student_depth}, method=method,
+                             epochs=epochs, batch_size=batch_size, optimizer="adamw", lr=lr,
+                             weight_decay=weight_decay, schedule="cosine", teacher=None if method == "ce" else teacher,
+                             teacher_checkpoint=None if method == "ce" else teacher_weights,
+                             teacher_cache_views=0 if method == "ce" else teacher_cache_views,
+                             out_dir=f"{runs_dir}/{tag}", **{**common, "seed": seed}).named(f"{method}-{student}")
+        summaries[method, seed] = train(config)
+        students[method, seed] = timm.create_model(student, num_classes=data.NUM_CLASSES[dataset], depth=student_depth)
+        load_weights(students[method, seed], config.run_dir() / "model.pt")
+        students[method, seed].eval()
+        print(f"{method:4s} seed {seed}  best {summaries[method, seed]['best_acc']:.2f} %")
+models = {method: students[method, seeds[0]] for method in methods}  # the figures show the first seed
 cnn = timm.create_model(teacher, num_classes=data.NUM_CLASSES[dataset])
 load_weights(cnn, teacher_weights)
 cnn.eval()
 
 mean, std = data.stats(dataset)
-images, _ = data.test_batch(dataset, equivariance_images, seed, download=download)
+batches = {seed: data.test_batch(dataset, equivariance_images, seed, download=download)[0] for seed in seeds}
+images = batches[seeds[0]]
 shown = images[torch.linspace(0, len(images) - 1, images_shown).long()]
 
 
@@ -161,31 +166,39 @@ fig.savefig(figures / "04_moved_object.png", dpi=110, bbox_inches="tight")
 
 # %% [markdown]
 # ## Translational equivariance µ_T
+# Per seed, on that seed's test images: each student of the seed and the teacher.
 
 # %%
-rows, per_image = [], {}
-for name, model in {**models, f"teacher {teacher}": cnn}.items():
-    mu = analysis.translation_equivariance(lambda x, m=model: analysis.feature_grid(m, x), images, shift=1, cell=4)
-    per_image[name] = mu
-    rows.append({"model": name, "mu_T_mean": mu.mean().item(), "mu_T_std": mu.std().item(), "images": len(mu),
-                 "best_top1": summaries[name]["best_acc"] if name in summaries else None, "epochs": epochs,
-                 "fraction": fraction, "seed": seed, "profile": profile})
+rows, per_image = [], {}  # per_image: (model, seed) -> µ_T of each image
+for seed in seeds:
+    for name, model in {**{m: students[m, seed] for m in methods}, f"teacher {teacher}": cnn}.items():
+        mu = analysis.translation_equivariance(lambda x, m=model: analysis.feature_grid(m, x), batches[seed],
+                                               shift=1, cell=4)
+        per_image[name, seed] = mu
+        summary = summaries.get((name, seed))
+        rows.append({"model": name, "mu_T_mean": mu.mean().item(), "mu_T_std": mu.std().item(), "images": len(mu),
+                     "best_top1": summary["best_acc"] if summary else None, "epochs": epochs, "fraction": fraction,
+                     "seed": seed, "profile": profile, "wall_s": round(summary["wall_seconds"]) if summary else None})
 table = pd.DataFrame(rows).round(4)
 table.to_csv(figures / "04_equivariance.csv", index=False)
-table
+# over seeds: each run's mean µ_T and accuracy, mean ± std across seeds
+statistics = over_seeds(table.drop(columns=["mu_T_std"]), decimals=4, values=("mu_T_mean", "best_top1"))
+if len(seeds) > 1:
+    statistics.to_csv(figures / "04_equivariance_seeds.csv", index=False)
+table if len(seeds) == 1 else statistics
 
 # %% [markdown]
 # ## Paper vs. this run
 
 # %%
-# The students are measured on the same images, so the comparison uses the per-image differences:
-# a difference counts only when it exceeds twice its standard error.
-if {"ce", "vkd"} <= set(per_image):
-    for other in [m for m in ("vkd", "kd") if m in per_image]:
-        difference = per_image[other] - per_image["ce"]
+# The students of a seed are measured on the same images, so the comparison uses the per-image differences
+# (pooled over seeds): a difference counts only when it exceeds twice its standard error.
+if {"ce", "vkd"} <= set(methods):
+    for other in [m for m in ("vkd", "kd") if m in methods]:
+        difference = torch.cat([per_image[other, seed] - per_image["ce", seed] for seed in seeds])
         mean, error = difference.mean().item(), difference.std().item() / len(difference) ** 0.5
         verdict = ("agrees with" if mean < -2 * error else "does not agree with" if mean > 2 * error
                    else "is inconclusive (difference within two standard errors) about")
-        print(f"µ_T {other} − student alone: {mean:+.4f} ± {error:.4f} (paired, {len(difference)} images) -> "
-              f"this run {verdict} the papers' claim that distilling from a CNN makes the ViT more "
-              "translation-equivariant.")
+        print(f"µ_T {other} − student alone: {mean:+.4f} ± {error:.4f} (paired, {len(difference)} images, "
+              f"seeds {seeds}) -> this run {verdict} the papers' claim that distilling from a CNN makes the ViT "
+              "more translation-equivariant.")

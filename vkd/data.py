@@ -292,10 +292,10 @@ class TensorLoader:
         channel = torch.arange(images.shape[1], device=self.device).view(1, -1, 1, 1)
         return padded[batch, channel, rows, cols.view(n, 1, 1, w)]
 
-    def chunks(self, size: int | None = None):
+    def chunks(self):
         """The epoch as ``(images, labels, indices, batch sizes)`` of consecutive runs of whole batches, about
-        ``size`` (default ``chunk_size``) images each; the batches are the chunks' slices of those sizes."""
-        per_chunk = max(1, (size or self.chunk_size) // self.batch_size)
+        ``chunk_size`` images each; the batches are the chunks' slices of those sizes."""
+        per_chunk = max(1, self.chunk_size // self.batch_size)
         generator = epoch_generator(self.seed, self.epoch)  # draws the order, then the crops and flips
         order = epoch_order(len(self.labels), self.train, generator, self.rank, self.world).to(self.device)
         sizes = [min(self.batch_size, len(order) - i * self.batch_size) for i in range(len(self))]

@@ -281,6 +281,28 @@ def test_resume_refuses_other_settings_but_not_cosmetic_ones(data_root, tmp_path
         train(config(data_root, tmp_path, name="same", epochs=1, lr=0.1))
 
 
+def test_run_digests_name_a_file_however_it_is_spelt_and_wherever_the_checkout_lies(tmp_path, monkeypatch):
+    from vkd import paths
+    from vkd.gan import GANConfig
+
+    def digest(root, kind=TrainConfig, **settings):
+        monkeypatch.setattr(paths, "project_root", lambda: root)
+        return kind(**settings).digest()
+
+    here, moved = tmp_path / "vkd", tmp_path / "elsewhere" / "vkd"
+    teacher = "runs/teachers/teacher-resnet32x4-1234abcd/model.pt"
+    spelt = {digest(here, teacher_checkpoint=teacher), digest(here, teacher_checkpoint=str(here / teacher)),
+             digest(here, teacher_checkpoint=f"./runs/../{teacher}"),
+             digest(moved, teacher_checkpoint=str(moved / teacher))}
+    assert len(spelt) == 1
+    assert digest(here, teacher_checkpoint=teacher.replace("1234abcd", "5678ef90")) not in spelt
+    outside = str(tmp_path / "weights.pt")  # a file outside the checkout stays absolute: moving the checkout keeps it
+    assert digest(here, teacher_checkpoint=outside) == digest(moved, teacher_checkpoint=outside)
+    assert digest(here, data_root=str(here / "data")) == digest(here) != digest(here, data_root=str(tmp_path / "data"))
+    assert (digest(here, GANConfig, teacher_checkpoint=str(here / "data/teachers/resnet32x4_cifar10-jpeg.pt"))
+            == digest(moved, GANConfig))
+
+
 def test_finished_run_is_reused_not_trained_again(data_root, tmp_path):
     first = train(config(data_root, tmp_path, epochs=1))
     (tmp_path / "runs/run/checkpoint.pt").unlink()

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from . import data as vdata
 from .distillers import Distiller, MethodConfig
-from .paths import progress_default, project_root, resolve, save_atomic, save_json_atomic, write_atomic
+from .paths import portable, progress_default, project_root, resolve, save_atomic, save_json_atomic, write_atomic
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -51,6 +51,7 @@ class RunConfig:
     training it (in this process, or as ``python -m vkd COMMAND --config FILE``)."""
 
     NOT_SHAPING = ("name", "out_dir", "progress")  # fields that do not change the result
+    PATHS: ClassVar[tuple[str, ...]] = ()  # fields naming a file or folder: compared as :func:`portable` paths
     COMMAND: ClassVar[str]  # the ``python -m vkd`` command that trains one run of this kind
 
     def run(self, stop_after: int | None = None) -> dict:
@@ -85,9 +86,11 @@ class RunConfig:
     @classmethod
     def shaping(cls, config: dict) -> dict:
         """``config`` (this class as a dict, possibly read back from JSON or an older checkpoint) without
-        the fields that do not shape the result, with fields added since it was written at their defaults."""
+        the fields that do not shape the result, with fields added since it was written at their defaults
+        and paths as :func:`portable` spells them."""
         defaults = {k: v for k, v in asdict(cls()).items() if k not in cls.NOT_SHAPING}
         merged = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+        merged.update({k: portable(merged[k]) for k in cls.PATHS if merged[k]})
         return json.loads(json.dumps(merged, default=str))  # tuples -> lists, as after a JSON round trip
 
     def settings(self) -> dict:
@@ -120,6 +123,7 @@ class TrainConfig(RunConfig):
     """Everything a run depends on; stored in the checkpoint and in summary.json."""
 
     COMMAND: ClassVar[str] = "train"
+    PATHS: ClassVar[tuple[str, ...]] = ("data_root", "teacher_checkpoint")
 
     name: str = "run"  # run folder name under out_dir
     out_dir: str = "runs"  # relative to the project root

@@ -37,6 +37,15 @@ def resolve(path: str | Path) -> Path:
     return path if path.is_absolute() else project_root() / path
 
 
+def portable(path: str | Path) -> str:
+    """``path`` as run settings record it: relative to the project root when it lies inside it, else absolute.
+    Any spelling of one file (relative, absolute, through another working directory) gives one string,
+    which stays the same when the checkout moves."""
+    absolute = resolve(path).resolve()
+    root = project_root()
+    return absolute.relative_to(root).as_posix() if absolute.is_relative_to(root) else str(absolute)
+
+
 def output_dir(path: str | Path) -> Path:
     """``resolve(path)``, created if missing (figures, runs)."""
     folder = resolve(path)

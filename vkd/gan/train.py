@@ -60,6 +60,7 @@ class GANConfig(RunConfig):
     """Everything a GAN run depends on; stored in the checkpoint and in summary.json."""
 
     COMMAND: ClassVar[str] = "gan"
+    PATHS: ClassVar[tuple[str, ...]] = ("data_root", "teacher_checkpoint", "inception_weights")
 
     name: str = "gan"
     out_dir: str = "runs"

@@ -26,6 +26,8 @@
 # the `paper_top1` column is context (its dataset is shown next to it), not a target.
 
 # %% tags=["parameters"]
+from typing import Union  # for compile
+
 profile: str = "smoke"  # smoke / quick / full: which profile filled these values
 figures_dir: str = "figures"  # figures and CSVs (relative to the project root)
 runs_dir: str = "runs/01"  # run folders (metrics, checkpoints); reruns resume / reuse them
@@ -50,7 +52,7 @@ teacher_cache_views: int = 0  # >0: cache teacher outputs for that many augmenta
 seeds: list = [0]  # student seeds (each also draws the data fractions); the teacher is trained with the first
 device: str = "auto"  # auto | cpu | cuda
 parallel: int = 1  # students trained at once, as separate processes (several share one GPU well)
-compile: bool = False  # torch.compile the training forward; also a mode name ("reduce-overhead": CUDA graphs)
+compile: Union[bool, str] = False  # torch.compile the training forward; or a mode ("reduce-overhead": CUDA graphs)
 cuda_graph: bool = False  # GPU: replay each whole training step as one CUDA graph (SGD; compile true or false)
 
 # %%
@@ -60,11 +62,15 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
+from vkd.distillers import check_methods
 from vkd.engine import TrainConfig, train_many, train_teacher
+from vkd.models import check_model_names
 from vkd.paths import output_dir, resolve
 from vkd.results import committed_teacher_row, distinct_seeds, over_seeds, render_table, with_paper_numbers
 
 seeds = distinct_seeds(seeds)
+check_methods(methods, method_options)  # here, not after the teacher has trained
+check_model_names(teacher, student)
 figures = output_dir(figures_dir)
 tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
 common = dict(out_dir=f"{runs_dir}/{tag}", dataset=dataset, download=download, fraction=fraction,
@@ -85,8 +91,6 @@ teacher_weights, teacher_summary = train_teacher(teacher, teacher_epochs, teache
 # One run per method and seed, all distilled from the one teacher above.
 
 # %%
-if set(method_options) - set(methods):
-    raise ValueError(f"method_options names {sorted(set(method_options) - set(methods))}, not among methods {methods}")
 runs = [(method, seed) for seed in seeds for method in methods]
 configs = [TrainConfig(
     student=student, method=method, epochs=epochs, teacher=None if method == "ce" else teacher,

@@ -60,11 +60,13 @@ import timm
 import torch
 
 from vkd import analysis, data
+from vkd.distillers import check_methods
 from vkd.engine import TrainConfig, load_weights, train, train_teacher
 from vkd.paths import output_dir
 from vkd.results import distinct_seeds, over_seeds
 
 seeds = distinct_seeds(seeds)
+check_methods(methods)
 figures = output_dir(figures_dir)
 tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
 common = dict(dataset=dataset, download=download, fraction=fraction, test_fraction=test_fraction, seed=seeds[0],

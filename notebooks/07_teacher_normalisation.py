@@ -24,6 +24,8 @@
 # the mean loss on the border of the plotted square over the loss at its centre, minus one.
 
 # %% tags=["parameters"]
+from typing import Union  # for compile
+
 profile: str = "smoke"  # smoke / quick / full: which profile filled these values
 figures_dir: str = "figures"  # figures and CSVs (relative to the project root)
 runs_dir: str = "runs/07"  # run folders
@@ -43,7 +45,7 @@ batch_size: int = 64
 lr: float = 0.05
 teacher_cache_views: int = 0  # >0: cache teacher outputs for that many augmentation views
 parallel: int = 1  # students trained at once, as separate processes (several share one GPU well)
-compile: bool = False  # torch.compile the training forward; also a mode name ("reduce-overhead": CUDA graphs)
+compile: Union[bool, str] = False  # torch.compile the training forward; or a mode ("reduce-overhead": CUDA graphs)
 landscape_images: int = 256  # fixed test images on which the loss surfaces are evaluated
 radius: float = 1.0  # the surfaces span [-radius, radius] times each filter-normalised direction
 steps: int = 21  # grid points per direction

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 from dataclasses import replace
 from functools import partialmethod
@@ -7,6 +8,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
+import yaml
 
 from vkd import data, engine
 from vkd.cli import main
@@ -322,6 +324,22 @@ def test_train_command_reads_a_config_and_refuses_unknown_settings(data_root, tm
     assert json.loads((tmp_path / "runs" / summary["name"] / "summary.json").read_text())["config"]["lr"] == 0.01
     assert main(["train", "--config", str(path), "-s", "learning_rate", "0.01"]) == 2
     assert "unknown TrainConfig setting(s) 'learning_rate'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, message", [
+    (["student", "resnet9"], "unknown model 'resnet9': expected one of vkd's CIFAR models resnet8, resnet20"),
+    (["teacher", "resnet33x4"], "unknown model 'resnet33x4'"),
+    (["method", "vkdx"], "unknown method 'vkdx'; expected one of ('ce', 'kd'"),
+    (["method_options", "{vkd_wieght: 2}"], "unknown method option(s) ['vkd_wieght']"),
+])
+def test_a_config_with_an_unknown_model_method_or_option_is_refused_when_made(setting, message, capsys):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig.from_values(**{setting[0]: yaml.safe_load(setting[1])})
+    assert main(["train", "-s", *setting]) == 2
+    assert message in capsys.readouterr().err
+    if setting[0] in ("student", "teacher", "method"):
+        assert main(["bench", "train", f"--{setting[0]}", setting[1], "--steps", "1"]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_runs_in_parallel_processes_match_runs_in_this_process(data_root, tmp_path):

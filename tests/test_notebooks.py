@@ -1,6 +1,7 @@
 """Every notebook end to end in the smoke profile, and the runner's parameter and failure handling."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,13 @@ from vkd import data
 from vkd.engine import TrainConfig
 from vkd.notebooks import (
     NotebookError,
+    checked_parameters,
+    declared_parameters,
     inspect_parameters,
     list_notebooks,
+    notebook_dir,
     run_as_script,
     run_notebook,
-    script_parameters,
 )
 from vkd.paths import project_root
 
@@ -50,9 +53,36 @@ def test_notebook_runs_in_smoke_profile(notebook, tmp_path):
 
 
 @pytest.mark.parametrize("notebook", [p.stem for p in list_notebooks()])
-def test_papermill_and_the_script_runner_see_the_same_parameters(notebook):
+def test_papermill_and_the_runners_see_the_same_parameters_and_types(notebook):
     # papermill parses the parameters cell with its own patterns (it once missed "compile: bool | str = False")
-    assert set(inspect_parameters(notebook)) == script_parameters(notebook)
+    papermill_types = {name: record["inferred_type_name"] for name, record in inspect_parameters(notebook).items()}
+    assert papermill_types == declared_parameters(notebook)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_every_profile_and_parameters_file_gives_values_of_the_declared_types(notebook):
+    files = [None, *sorted((notebook_dir() / "params").glob(f"{notebook.stem[:2]}_*.yaml"))]
+    for profile in ("smoke", "quick", "full"):
+        for params_file in files:
+            assert set(checked_parameters(notebook, profile, params_file=params_file)) <= set(
+                declared_parameters(notebook))
+
+
+@pytest.mark.parametrize("value, message", [
+    ("ten", "epochs expects int, got 'ten' (str)"),
+    (2.5, "epochs expects int, got 2.5 (float)"),
+    (True, "epochs expects int, got True (bool)"),
+])
+def test_a_value_of_the_wrong_type_is_refused_before_anything_runs(value, message, tmp_path):
+    notebook = notebook_dir() / "01_cifar_distillation.py"
+    with pytest.raises(NotebookError, match=re.escape(f"01_cifar_distillation.py: {message}")):
+        run_as_script(notebook, "smoke", {"epochs": value, "runs_dir": str(tmp_path / "runs")})
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(NotebookError, match=re.escape("lr expects float, got '1e-3' (str) (values are read as YAML")):
+        run_notebook(notebook, "smoke", {"lr": "1e-3"}, output_dir=tmp_path)
+    assert not list(tmp_path.glob("*.ipynb"))
+    accepted = checked_parameters(notebook, "smoke", {"lr": 1, "compile": "reduce-overhead", "epochs": 3})
+    assert (accepted["lr"], accepted["compile"], accepted["epochs"]) == (1, "reduce-overhead", 3)
 
 
 def test_unknown_parameter_is_refused_with_the_declared_names(tmp_path):
@@ -66,16 +96,24 @@ def test_unknown_parameter_is_refused_with_the_declared_names(tmp_path):
     assert not list(tmp_path.glob("*.ipynb"))  # refused before running
 
 
-def test_notebook_01_refuses_an_empty_or_repeated_seed_list(tmp_path):
-    for seeds in ("[]", "[1, 1]"):
-        result = subprocess.run(
-            [sys.executable, "-m", "vkd", "run", "01", "--as-script", "-p", "seeds", seeds,
-             "-p", "runs_dir", str(tmp_path / "runs"), "-p", "figures_dir", str(tmp_path / "figures")],
-            capture_output=True, text=True,
-        )
-        assert result.returncode == 1
-        assert f"seeds must list one or more distinct seeds, e.g. [0, 1, 2]; got {seeds}" in result.stderr
-        assert not (tmp_path / "runs").exists()  # refused before any training
+@pytest.mark.parametrize("name, value, message", [
+    ("seeds", "[]", "seeds must list one or more distinct seeds, e.g. [0, 1, 2]; got []"),
+    ("seeds", "[1, 1]", "seeds must list one or more distinct seeds, e.g. [0, 1, 2]; got [1, 1]"),
+    ("methods", "[ce, vkdx]", "unknown method 'vkdx'; expected one of ('ce', 'kd', 'fitnet', 'dkd'"),
+    ("methods", "[kd, kd]", "methods must list one or more distinct methods of ('ce', 'kd'"),
+    ("method_options", "{vkd: {vkd_wieght: 5}}", "unknown method option(s) ['vkd_wieght']; expected some of"),
+    ("method_options", "{srd: {srd_weight: 5}}", "method_options names ['srd'], not among methods ['ce', 'kd',"),
+    ("student", "resnet9", "unknown model 'resnet9': expected one of vkd's CIFAR models resnet8, resnet20,"),
+])
+def test_notebook_01_refuses_bad_seeds_methods_and_models_before_training(name, value, message, tmp_path):
+    parameters = {"methods": "[ce, kd, vkd]", "runs_dir": str(tmp_path / "runs"),
+                  "figures_dir": str(tmp_path / "figures"), name: value}
+    result = subprocess.run([sys.executable, "-m", "vkd", "run", "01", "--as-script",
+                             *(item for pair in parameters.items() for item in ("-p", *pair))],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert not (tmp_path / "runs").exists()  # refused before any training
 
 
 def test_failing_cell_is_reported(tmp_path, capfd):

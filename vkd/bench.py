@@ -128,7 +128,9 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
 
     from .distillers import Distiller, MethodConfig
     from .engine import CapturedStep, check_cuda_graph, compile_options, step_state, train_step
+    from .models import check_model_names
 
+    check_model_names(student, teacher)
     if cuda_graph:
         check_cuda_graph(compile, "sgd")
 
@@ -187,7 +189,9 @@ def bench_deit(student: str = "deit_tiny_distilled_patch16_224", teacher: str = 
 
     from .distillers import Distiller, MethodConfig
     from .engine import train_step
+    from .models import check_model_names
 
+    check_model_names(student, teacher)
     device, memory_format, images, labels, autocast = _synthetic_batch(device, batch, image_size, num_classes, seed)
     gpu = device.type == "cuda"
     frozen = timm.create_model(teacher, num_classes=num_classes).to(device, memory_format=memory_format)

@@ -160,6 +160,16 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(export_weights(args.run_dir, args.path, half=not args.float32)))
         return 0
+    try:  # bench
+        _bench(args)
+    except ValueError as error:  # an unknown model, method or option
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _bench(args) -> None:
+    """``python -m vkd bench WHAT``: print the benchmark's table."""
     if args.what == "projectors":
 
         from .bench import bench_projectors
@@ -195,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training steps of {args.student} (teacher {args.teacher}), batch {args.batch}, {args.image_size} px, "
               f"synthetic data, {_where(args.device)}")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    return 0
 
 
 def _where(device: str) -> str:

@@ -76,6 +76,20 @@ class MethodConfig:
         return cls(**{**defaults, **overrides})
 
 
+def check_methods(methods: list[str], options: dict[str, dict] | None = None) -> None:
+    """Refuse (ValueError), before anything trains, a ``methods`` list that is empty, repeats a method or names
+    one not in METHODS, and ``options`` (method -> MethodConfig overrides) for a method not in ``methods`` or
+    naming a field MethodConfig does not have."""
+    options = options or {}
+    if not methods or len(set(methods)) != len(methods):
+        raise ValueError(f"methods must list one or more distinct methods of {METHODS}; got {methods}")
+    stray = sorted(set(options) - set(methods))
+    if stray:
+        raise ValueError(f"method_options names {stray}, not among methods {methods}")
+    for method in methods:
+        MethodConfig.for_method(method, **options.get(method, {}))
+
+
 class Distiller(nn.Module):
     """Student + optional frozen teacher + the loss modules that ``config`` switches on.
 

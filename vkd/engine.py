@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from . import data as vdata
 from .distillers import Distiller, MethodConfig
+from .models import check_model_names
 from .paths import portable, progress_default, project_root, resolve, save_atomic, save_json_atomic, write_atomic
 
 
@@ -171,6 +172,11 @@ class TrainConfig(RunConfig):
     cuda_graph: bool = False  # replay the whole step (forward, backward, SGD update, retraction) as one CUDA graph
     # (CapturedStep; one process, SGD; with compile true or false, not a CUDA-graph mode of it)
     progress: bool = field(default_factory=progress_default)  # tqdm bars
+
+    def __post_init__(self):
+        """Refuse unknown models, methods and method options when the config is made, not when it trains."""
+        check_model_names(self.student, self.teacher)
+        MethodConfig.for_method(self.method, **self.method_options)
 
     def run(self, stop_after: int | None = None) -> dict:
         return train(self, stop_after_epoch=stop_after)
@@ -977,6 +983,7 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | None = None, dataset
                          workers=workers, device=str(device))
     loader = _split_loader(config, device, Processes(), train=False)
     classes = num_classes or (state.get("num_classes") if isinstance(state, dict) else None) or loader.num_classes
+    check_model_names(arch)
     model = timm.create_model(arch, num_classes=classes, **(model_options or {}))
     ignored = load_state(model, state, strict=False)
     model.to(device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -58,17 +59,14 @@ def load_profile(profile: str, stem: str) -> dict[str, Any]:
 
 
 def inspect_parameters(name: str | Path) -> dict[str, Any]:
-    """The parameters a notebook declares: name -> papermill's record (default, type, help)."""
+    """The parameters a notebook declares as papermill reads them (``papermill --help-notebook``): name ->
+    papermill's record (default, type, help)."""
     import jupytext
-
-    path = find_notebook(name)
-    return _declared_parameters(jupytext.read(path), path)
-
-
-def _declared_parameters(notebook, path: Path) -> dict[str, Any]:
     import nbformat
     import papermill
 
+    path = find_notebook(name)
+    notebook = jupytext.read(path)
     if not any("parameters" in cell.get("metadata", {}).get("tags", []) for cell in notebook.cells):
         raise NotebookError(f"{path.name} has no cell tagged 'parameters'")
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,12 +75,63 @@ def _declared_parameters(notebook, path: Path) -> dict[str, Any]:
         return papermill.inspect_notebook(str(source))
 
 
-def _parameter_values(path: Path, profile: str, parameters: dict[str, Any] | None,
-                      params_file: str | Path | None) -> dict[str, Any]:
+PARAMETER_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list": list, "dict": dict}
+
+
+def _declared_types(cell: str) -> dict[str, str]:
+    """Each ``name: type = value`` of a parameters cell as name -> its annotation as written ("int", or
+    "Union[bool, str]": papermill's own parser does not read "bool | str"); a plain ``name = value`` -> ""."""
+    declared = {}
+    for node in ast.parse(cell).body:
+        if isinstance(node, ast.AnnAssign):
+            declared[node.target.id] = ast.unparse(node.annotation)
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            declared[node.targets[0].id] = ""
+    return declared
+
+
+def _accepts(annotation: str, value: Any) -> bool:
+    """Whether ``value`` (read from YAML) is of the declared type (any, when none is declared); an int passes for
+    a float, a bool for no number."""
+    if not annotation:
+        return True
+    names = [name for name in re.findall(r"\w+", annotation) if name != "Union"]
+    unknown = sorted(set(names) - set(PARAMETER_TYPES))
+    if unknown:
+        raise NotebookError(f"parameter type {annotation!r} names {unknown}; "
+                            f"the runners check {sorted(PARAMETER_TYPES)}")
+    if isinstance(value, bool):
+        return "bool" in names
+    return any(isinstance(value, PARAMETER_TYPES[name]) for name in names) or (
+        isinstance(value, int) and "float" in names)
+
+
+def declared_parameters(name: str | Path) -> dict[str, str]:
+    """The parameters a notebook's parameters cell declares: name -> type, as both runners check them."""
+    return _declared_types(_split_at_parameters(find_notebook(name))[1])
+
+
+def checked_parameters(path: Path, profile: str, parameters: dict[str, Any] | None = None,
+                       params_file: str | Path | None = None) -> dict[str, Any]:
+    """The values a run of notebook ``path`` gets: the profile's, then ``params_file``'s, then ``parameters``.
+    A name the notebook does not declare, or a value not of its declared type, is refused (NotebookError)
+    before anything runs."""
     values = load_profile(profile, path.stem)
     if params_file is not None:
+        if not Path(params_file).is_file():
+            raise NotebookError(f"no parameters file at {params_file}")
         values.update(yaml.safe_load(Path(params_file).read_text()) or {})
     values.update(parameters or {})
+    declared = _declared_types(_split_at_parameters(path)[1])
+    unknown = sorted(set(values) - set(declared))
+    if unknown:
+        raise NotebookError(f"{path.name} declares no parameter {', '.join(map(repr, unknown))}; "
+                            f"its parameters are: {', '.join(sorted(declared))}")
+    wrong = [f"{key} expects {declared[key]}, got {value!r} ({type(value).__name__})"
+             for key, value in values.items() if not _accepts(declared[key], value)]
+    if wrong:
+        raise NotebookError(f"{path.name}: {'; '.join(wrong)} (values are read as YAML: 1.0e-3 is a float, "
+                            "1e-3 a string)")
     return values
 
 
@@ -113,16 +162,9 @@ def run_notebook(
     import papermill
 
     path = find_notebook(name)
-    values = _parameter_values(path, profile, parameters, params_file)
+    values = checked_parameters(path, profile, parameters, params_file)
     notebook = jupytext.read(path)
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    declared = _declared_parameters(notebook, path)
-    unknown = sorted(set(values) - set(declared))
-    if unknown:
-        raise NotebookError(
-            f"{path.name} declares no parameter {', '.join(map(repr, unknown))}; "
-            f"its parameters are: {', '.join(sorted(declared))}"
-        )
     out_dir = Path(output_dir) if output_dir is not None else project_root() / "notebooks" / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / f"{path.stem}.{profile}.ipynb"
@@ -161,15 +203,6 @@ def _split_at_parameters(path: Path) -> tuple[str, str, str]:
     return head, cell, tail
 
 
-def _annotated_names(cell: str) -> set[str]:
-    return {node.target.id for node in ast.parse(cell).body if isinstance(node, ast.AnnAssign)}
-
-
-def script_parameters(name: str | Path) -> set[str]:
-    """The names the parameters cell declares (``name: type = value``), as :func:`run_as_script` reads them."""
-    return _annotated_names(_split_at_parameters(find_notebook(name))[1])
-
-
 def run_as_script(
     name: str | Path,
     profile: str = "smoke",
@@ -183,13 +216,8 @@ def run_as_script(
     figures and CSVs are written as usual, but no executed notebook is.  Because runs are reused by
     their settings, running the notebook later with the same parameters only gathers the results."""
     path = find_notebook(name)
-    values = _parameter_values(path, profile, parameters, params_file)
+    values = checked_parameters(path, profile, parameters, params_file)
     head, cell, tail = _split_at_parameters(path)
-    declared = _annotated_names(cell)
-    unknown = sorted(set(values) - declared)
-    if unknown:
-        raise NotebookError(f"{path.name} declares no parameter {', '.join(map(repr, unknown))}; "
-                            f"its parameters are: {', '.join(sorted(declared))}")
     # on the next cell's marker line, so that tracebacks give the notebook's own line numbers
     injected = "".join(f"{key} = {value!r}; " for key, value in values.items())
     code = f"{head}{PARAMETERS_MARKER}{cell}\n{injected}# %% (parameters injected on this line){tail}"

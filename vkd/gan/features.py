@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import data as vdata
 from ..engine import checked_file, load_weights
+from ..models import check_model_names
 from ..paths import resolve
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -55,6 +56,7 @@ def classifier_embedding(arch: str, checkpoint: str | None, sha256: str | None =
     """The pooled penultimate features (B, num_features) of ``arch`` (timm name) with the weights of
     ``checkpoint`` (None: untrained, for benchmarks); ``dataset`` names the input normalisation it was
     trained with."""
+    check_model_names(arch)
     model = timm.create_model(arch, num_classes=0)  # no classifier: forward ends at the pooled features
     if checkpoint is not None:
         load_weights(model, checkpoint, sha256, strict=False)  # the checkpoint's classifier is ignored

@@ -5,6 +5,7 @@ Every model follows timm's interface: ``forward_features(x)`` gives the last fea
 or, for transformers, the tokens (B, prefix + N, d); ``forward_head(features, pre_logits=True)`` the
 pooled (B, C) feature; ``forward_head(features)`` the logits; ``num_features`` the feature width."""
 
+import timm
 import torch
 from torch import nn
 
@@ -15,6 +16,14 @@ CIFAR_MODELS = ("resnet8", "resnet20", "resnet56", "resnet110", "resnet8x4", "re
                 "mobilenetv2_cifar", "resnet50_cifar", "deit_tiny_patch4_32")
 
 
+def check_model_names(*names: str | None) -> None:
+    """Refuse (ValueError) a model name timm does not know (None: no model; ``hf-hub:`` names pass)."""
+    for name in names:
+        if name is not None and ":" not in name and not timm.is_model(name):
+            raise ValueError(f"unknown model {name!r}: expected one of vkd's CIFAR models {', '.join(CIFAR_MODELS)}, "
+                             "or another timm model name (timm.list_models())")
+
+
 def distillation_features(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """What feature losses see: a CNN's map as it is; a transformer's patch tokens (B, N, d), without
     its class / distillation tokens (the papers mean-pool the patch tokens)."""
@@ -22,4 +31,4 @@ def distillation_features(model: nn.Module, features: torch.Tensor) -> torch.Ten
     return features[:, prefix:] if features.dim() == 3 and prefix else features
 
 
-__all__ = ["CIFAR_MODELS", "CifarResNet", "distillation_features"]
+__all__ = ["CIFAR_MODELS", "CifarResNet", "check_model_names", "distillation_features"]

@@ -143,11 +143,13 @@ def test_batch_runs_keep_progress_bars_out_of_the_executed_copy(tmp_path, monkey
     assert TrainConfig().progress
 
 
-def test_unknown_notebook_and_profile():
+def test_unknown_notebook_profile_and_parameters_file(tmp_path):
     with pytest.raises(NotebookError, match="no notebook 'nope'; the notebooks are: 00_orthogonal_projections, 01_"):
         run_notebook("nope")
     with pytest.raises(NotebookError, match="no profile 'huge'"):
         run_notebook("00", "huge")
+    with pytest.raises(NotebookError, match=re.escape(f"no parameters file at {tmp_path / 'gone.yaml'}")):
+        run_as_script("00", params_file=tmp_path / "gone.yaml")
 
 
 def test_missing_dataset_is_explained_not_a_deep_traceback(tmp_path):

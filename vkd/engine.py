@@ -979,11 +979,11 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | None = None, dataset
     arch = arch or (state.get("arch") if isinstance(state, dict) else None)
     if arch is None:
         raise ValueError(f"{checkpoint} does not record its architecture: give arch (a timm model name)")
+    check_model_names(arch)  # before the data are read
     config = TrainConfig.from_values(dataset=dataset, data_root=data_root, image_size=image_size, batch_size=batch_size,
                          workers=workers, device=str(device))
     loader = _split_loader(config, device, Processes(), train=False)
     classes = num_classes or (state.get("num_classes") if isinstance(state, dict) else None) or loader.num_classes
-    check_model_names(arch)
     model = timm.create_model(arch, num_classes=classes, **(model_options or {}))
     ignored = load_state(model, state, strict=False)
     model.to(device)

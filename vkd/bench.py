@@ -127,7 +127,7 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
     import timm
 
     from .distillers import Distiller, MethodConfig
-    from .engine import CapturedStep, check_cuda_graph, compile_options, step_state, train_step
+    from .engine import captured_training_step, check_cuda_graph, compile_options, train_step
     from .models import check_model_names
 
     check_model_names(student, teacher)
@@ -164,9 +164,9 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
         optimizer = build_optimizer(model.trainable_parameters(), "sgd", 0.05, 5e-4, 0.9, device)
         outputs = cached if "cached" in name else None
         if name.endswith("captured"):
-            step = CapturedStep(lambda x, y, *t, d=model, o=optimizer: train_step(d, o, x, y, 0, t or None,
-                                                                                 captured_autocast),
-                                lambda d=model, o=optimizer: step_state(d, o), lambda: None, device)
+            step = captured_training_step(
+                lambda x, y, *t, d=model, o=optimizer: train_step(d, o, x, y, 0, t or None, captured_autocast),
+                model, optimizer, device)
             steps_by_name[name] = synchronized(lambda s=step, t=outputs: s(images, labels, *(t or ())), device)
             continue
         steps_by_name[name] = synchronized(

@@ -585,11 +585,20 @@ class CapturedStep:
         self.replay()
 
 
-def step_state(distiller: Distiller, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Every tensor a training step changes: the trainable parameters, the student's and the loss modules'
-    buffers (BatchNorm statistics), the optimiser's state (momentum)."""
-    return [*distiller.trainable_parameters(), *distiller.student.buffers(), *distiller.losses.buffers(),
-            *(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))]
+def captured_training_step(step: Callable, distiller: Distiller, optimizer: torch.optim.Optimizer,
+                           device: torch.device,
+                           accumulators: Callable[[], list[torch.Tensor]] = list) -> CapturedStep:
+    """``step(images, targets, ...)`` (one :func:`train_step` of ``distiller`` and ``optimizer``) as a
+    :class:`CapturedStep`, as ``cuda_graph`` runs it: its state is every tensor the step changes -- the trainable
+    parameters, the student's and the loss modules' buffers (BatchNorm statistics), the optimiser's state
+    (momentum) and ``accumulators()`` (the step's running sums) -- and it is captured again when a learning
+    rate changes."""
+    def state() -> list[torch.Tensor]:
+        return [*distiller.trainable_parameters(), *distiller.student.buffers(), *distiller.losses.buffers(),
+                *(t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)),
+                *accumulators()]
+
+    return CapturedStep(step, state, lambda: [group["lr"] for group in optimizer.param_groups], device)
 
 
 def build_optimizer(parameters, name: str, lr: float, weight_decay: float, momentum: float,
@@ -724,11 +733,8 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         cache.refill(start_epoch, train_loader, distiller, prepare, autocast)
     if config.cuda_graph:
         check_cuda_graph(config.compile, config.optimizer, processes.world)
-
-        def state() -> list[torch.Tensor]:
-            return [*step_state(distiller, optimizer), *sums.values(), correct]
-
-        training_step = CapturedStep(training_step, state, lambda: [g["lr"] for g in optimizer.param_groups], device)
+        training_step = captured_training_step(training_step, distiller, optimizer, device,
+                                               lambda: [*sums.values(), correct])
 
     for epoch in range(start_epoch, config.epochs):
         start = time.perf_counter()

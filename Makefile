@@ -4,6 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= quick
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+# Offline data: the CIFAR-10 JPEG archive where this project's machines keep it, beside the checkout
+# (../shared/data), unless VKD_CIFAR10_ARCHIVE is set already; otherwise vkd looks in data/.
+SHARED_ARCHIVE := $(wildcard $(CURDIR)/../shared/data/cifar10-jpeg.tar.gz)
+ifneq ($(SHARED_ARCHIVE),)
+export VKD_CIFAR10_ARCHIVE ?= $(abspath $(SHARED_ARCHIVE))
+endif
 
 .PHONY: setup test reproduce lab bench
 

@@ -28,8 +28,9 @@ test: setup  ## unit tests + every notebook in the smoke profile
 reproduce: setup  ## every notebook with PROFILE (quick: figures/ on a laptop CPU)
 	$(PY) -m vkd reproduce --profile $(PROFILE)
 
-lab: setup  ## JupyterLab on notebooks/ (open the .py files as notebooks)
-	$(VENV)/bin/jupyter lab notebooks/
+LAB_ARGS ?=
+lab: setup  ## JupyterLab on notebooks/ (open the .py files as notebooks); LAB_ARGS: more jupyter lab options
+	$(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks/
 
 bench: setup  ## projector cost vs nn.Linear
 	$(PY) -m vkd bench projectors

@@ -432,3 +432,20 @@ def test_bench_train_times_each_setup_and_the_captured_steps():
     assert (table.ms_per_step > 0).all() and table.time_vs_student_alone.iloc[0] == 1
     with pytest.raises(ValueError, match="captures CUDA graphs too"):
         bench_train("resnet8", "resnet8", batch=4, steps=1, compile="reduce-overhead", cuda_graph=True)
+
+
+def test_the_captured_step_check_finds_no_difference_on_the_cpu_and_catches_an_undone_warm_up(monkeypatch, capsys):
+    from vkd.bench import captured_step_difference
+
+    assert captured_step_difference("resnet8", "resnet8", batch=4, steps=4)["max_abs_difference"] == 0
+    assert main(["bench", "train", "--student", "resnet8", "--teacher", "resnet8", "--batch", "4", "--steps", "1",
+                 "--cuda-graph"]) == 0
+    assert "captured vs eager step, 5 steps from the same weights: largest parameter difference 0 (0 of" in \
+        capsys.readouterr().out
+    capture = engine.CapturedStep.__init__
+
+    def keeping_the_warm_up(self, step, state, frozen, device, warmup=3):  # restores nothing after its warm-up
+        capture(self, step, list, frozen, device, warmup)
+
+    monkeypatch.setattr(engine.CapturedStep, "__init__", keeping_the_warm_up)
+    assert captured_step_difference("resnet8", "resnet8", batch=4, steps=4)["relative"] > 1e-3

@@ -177,6 +177,58 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
                           "time_vs_student_alone": s / base} for name, s in seconds.items()])
 
 
+def captured_step_difference(student: str = "resnet8", teacher: str = "resnet20", method: str = "vkd",
+                             batch: int = 64, steps: int = 5, num_classes: int = 10, image_size: int = 32,
+                             device: str = "cpu", method_options: dict | None = None, compile: bool | str = False,
+                             seed: int = 0) -> dict[str, float]:
+    """Whether the captured step (``cuda_graph``) computes what the eager step computes: one distiller and an
+    exact copy of it train ``steps`` steps on the same random batches and cached teacher outputs, one eagerly,
+    one through :func:`vkd.engine.captured_training_step` (on a GPU a replayed CUDA graph, after warm-up steps
+    that it undoes).  Returns the largest absolute difference of any trainable parameter afterwards
+    (``max_abs_difference``) and that difference relative to the largest parameter magnitude (``relative``):
+    0 on the CPU (the same operations in the same order); on a GPU, rounding from non-deterministic kernels."""
+    import copy
+
+    import timm
+
+    from .distillers import Distiller, MethodConfig
+    from .engine import captured_training_step, check_cuda_graph, compile_options, train_step
+    from .models import check_model_names
+
+    check_model_names(student, teacher)
+    check_cuda_graph(compile, "sgd")
+    device, memory_format, _, _, autocast = _synthetic_batch(device, batch, image_size, num_classes, seed)
+    generator = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
+                .contiguous(memory_format=memory_format),
+                torch.randint(0, num_classes, (batch,), generator=generator).to(device)) for _ in range(steps)]
+    eager = Distiller(timm.create_model(student, num_classes=num_classes),
+                      timm.create_model(teacher, num_classes=num_classes),
+                      MethodConfig.for_method(method, **(method_options or {})))
+    eager = eager.to(device, memory_format=memory_format)
+    with autocast:  # as TeacherCache returns them
+        cached = [tuple(t.float() for t in eager.teacher_outputs(images, pooled=True)) for images, _ in batches]
+    captured = copy.deepcopy(eager)
+    for model in (eager, captured):
+        if compile:
+            model.compile(**compile_options(compile))
+    eager_optimizer, captured_optimizer = (build_optimizer(m.trainable_parameters(), "sgd", 0.05, 5e-4, 0.9, device)
+                                           for m in (eager, captured))
+    captured_autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
+                                       cache_enabled=False)
+    step = captured_training_step(
+        lambda x, y, *t: train_step(captured, captured_optimizer, x, y, 0, t, captured_autocast),
+        captured, captured_optimizer, device)
+    for (images, labels), outputs in zip(batches, cached, strict=True):
+        train_step(eager, eager_optimizer, images, labels, 0, outputs, autocast)
+        step(images, labels, *outputs)
+    with torch.no_grad():
+        pairs = list(zip(eager.trainable_parameters(), captured.trainable_parameters(), strict=True))
+        difference = max((a - b).abs().max().item() for a, b in pairs)
+        largest = max(a.abs().max().item() for a, _ in pairs)
+    return {"steps": steps, "max_abs_difference": difference, "relative": difference / largest}
+
+
 def bench_deit(student: str = "deit_tiny_distilled_patch16_224", teacher: str = "regnety_160", batch: int = 256,
                steps: int = 10, image_size: int = 224, num_classes: int = 1000, device: str = "auto",
                seed: int = 0) -> pd.DataFrame:

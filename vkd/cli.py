@@ -190,6 +190,13 @@ def _bench(args) -> None:
         print(f"training steps of {args.student} (teacher {args.teacher}), batch {args.batch}, 32 px, "
               f"compile {compiled}, {_where(args.device)}")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        if args.cuda_graph:
+            from .bench import captured_step_difference
+
+            check = captured_step_difference(args.student, args.teacher, args.method, args.batch, device=args.device,
+                                             method_options=_parse_overrides(args.option), compile=compiled)
+            print(f"captured vs eager step, {check['steps']} steps from the same weights: largest parameter "
+                  f"difference {check['max_abs_difference']:.3g} ({check['relative']:.3g} of the largest parameter)")
     if args.what == "gan":
         from .bench import bench_gan
 

@@ -10,8 +10,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .engine import build_optimizer, resolve_device
+from .engine import build_optimizer, mixed_precision, resolve_device
 from .projectors import ORTHOGONAL_METHODS, OrthogonalProjector
+
+RECIPE_SGD = dict(name="sgd", lr=0.05, weight_decay=5e-4, momentum=0.9)  # the CIFAR recipe's optimiser
 
 
 def _forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
@@ -109,7 +111,7 @@ def _synthetic_batch(device: str, batch: int, image_size: int, num_classes: int,
     memory_format = torch.channels_last if gpu else torch.contiguous_format
     images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, num_classes, (batch,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
+    autocast = mixed_precision(device)
     return device, memory_format, images, labels, autocast
 
 
@@ -158,10 +160,10 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
     with autocast:  # as TeacherCache returns them
         cached = setups[f"{method}, cached teacher"].teacher_outputs(images, pooled=True)
     cached = (cached[0].float(), cached[1].float())
-    captured_autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu, cache_enabled=False)
+    captured_autocast = mixed_precision(device, captured=True)
     steps_by_name = {}
     for name, model in setups.items():
-        optimizer = build_optimizer(model.trainable_parameters(), "sgd", 0.05, 5e-4, 0.9, device)
+        optimizer = build_optimizer(model.trainable_parameters(), device=device, **RECIPE_SGD)
         outputs = cached if "cached" in name else None
         if name.endswith("captured"):
             step = captured_training_step(
@@ -212,10 +214,9 @@ def captured_step_difference(student: str = "resnet8", teacher: str = "resnet20"
     for model in (eager, captured):
         if compile:
             model.compile(**compile_options(compile))
-    eager_optimizer, captured_optimizer = (build_optimizer(m.trainable_parameters(), "sgd", 0.05, 5e-4, 0.9, device)
+    eager_optimizer, captured_optimizer = (build_optimizer(m.trainable_parameters(), device=device, **RECIPE_SGD)
                                            for m in (eager, captured))
-    captured_autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
-                                       cache_enabled=False)
+    captured_autocast = mixed_precision(device, captured=True)
     step = captured_training_step(
         lambda x, y, *t: train_step(captured, captured_optimizer, x, y, 0, t, captured_autocast),
         captured, captured_optimizer, device)

@@ -183,10 +183,9 @@ def _bench(args) -> None:
 
         from .bench import bench_train
 
-        compiled = yaml.safe_load(args.compile)
+        compiled, options = yaml.safe_load(args.compile), _parse_overrides(args.option)
         table = bench_train(args.student, args.teacher, args.method, args.batch, args.steps, device=args.device,
-                            method_options=_parse_overrides(args.option), compile=compiled,
-                            cuda_graph=args.cuda_graph)
+                            method_options=options, compile=compiled, cuda_graph=args.cuda_graph)
         print(f"training steps of {args.student} (teacher {args.teacher}), batch {args.batch}, 32 px, "
               f"compile {compiled}, {_where(args.device)}")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
@@ -194,7 +193,7 @@ def _bench(args) -> None:
             from .bench import captured_step_difference
 
             check = captured_step_difference(args.student, args.teacher, args.method, args.batch, device=args.device,
-                                             method_options=_parse_overrides(args.option), compile=compiled)
+                                             method_options=options, compile=compiled)
             print(f"captured vs eager step, {check['steps']} steps from the same weights: largest parameter "
                   f"difference {check['max_abs_difference']:.3g} ({check['relative']:.3g} of the largest parameter)")
     if args.what == "gan":

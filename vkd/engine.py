@@ -515,6 +515,13 @@ def train_step(distiller: Distiller, optimizer, images, labels, epoch: int | tor
     return logits, terms
 
 
+def mixed_precision(device: torch.device, enabled: bool = True, captured: bool = False) -> torch.autocast:
+    """The autocast a training or evaluation step runs under: bf16 on a GPU (when ``enabled``), off on the CPU.
+    A captured step (``captured``, see :class:`CapturedStep`) cannot reuse autocast's cache of cast weights."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda",
+                          cache_enabled=not captured)
+
+
 def check_cuda_graph(compile: bool | str, optimizer: str, processes: int = 1) -> None:
     """Refuse the settings that a captured step (``cuda_graph``) cannot run with, saying why."""
     if processes > 1:
@@ -659,8 +666,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         model = torch.nn.parallel.DistributedDataParallel(
             distiller, device_ids=[device.index] if device.type == "cuda" else None)
         seed_everything(config.seed + processes.rank)  # dropout, drop-path, mixup, augmentation: a stream per process
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda",
-                              cache_enabled=not config.cuda_graph)  # a captured step cannot reuse cached casts
+    autocast = mixed_precision(device, config.amp, config.cuda_graph)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
     optimizer = build_optimizer(distiller.trainable_parameters(), config.optimizer, config.lr, config.weight_decay,
                                 config.momentum, device)
@@ -993,6 +999,6 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | None = None, dataset
     model = timm.create_model(arch, num_classes=classes, **(model_options or {}))
     ignored = load_state(model, state, strict=False)
     model.to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = mixed_precision(device)
     return {"checkpoint": str(checkpoint), "arch": arch, "images": len(loader.labels), "ignored_keys": ignored,
             **evaluate(model, loader, autocast)}

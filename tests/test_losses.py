@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,21 @@ def test_srd_ablation_options():
     assert l2(z_s, z_t).item() == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match="correlation variant is defined with batchnorm and logsum"):
         vkd.SRDLoss(8, 12, variant="correlation", norm="l2")
+
+
+def test_the_readmes_library_example_runs_as_written():
+    # the README's first Python block, with a stand-in student (tokens of width 192) and teacher maps (3024 channels)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = readme.split("## Using the library", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)
+    student = torch.nn.Linear(16, 192)
+    namespace = {"student": student, "student_tokens": student(torch.randn(4, 5, 16)),
+                 "teacher_map": torch.randn(4, 3024, 2, 2)}
+    before = student.weight.detach().clone()
+    exec(example, namespace)
+    loss_fn = namespace["loss_fn"]
+    assert isinstance(loss_fn, vkd.VkDLoss) and torch.isfinite(namespace["loss"])
+    assert not torch.equal(student.weight, before)  # the step trained the student through the VkD loss
+    weight = loss_fn.projector.weight.detach()
+    assert weight.shape == (3024, 192)
+    assert (weight.T @ weight - torch.eye(192)).abs().max() < 1e-5

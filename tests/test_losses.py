@@ -1,11 +1,11 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import vkd
+from vkd.paths import project_root
 
 
 def test_distances_by_hand():
@@ -132,7 +132,7 @@ def test_srd_ablation_options():
 
 def test_the_readmes_library_example_runs_as_written():
     # the README's first Python block, with a stand-in student (tokens of width 192) and teacher maps (3024 channels)
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (project_root() / "README.md").read_text()
     example = readme.split("## Using the library", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     torch.manual_seed(0)
     student = torch.nn.Linear(16, 192)

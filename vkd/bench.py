@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Iterable
 
 import pandas as pd
+import timm
 import torch
 from torch import nn
 
-from .engine import build_optimizer, mixed_precision, resolve_device
+from .distillers import Distiller, MethodConfig
+from .engine import (
+    build_optimizer,
+    captured_training_step,
+    check_cuda_graph,
+    compile_options,
+    mixed_precision,
+    resolve_device,
+    train_step,
+)
+from .models import check_model_names
 from .projectors import ORTHOGONAL_METHODS, OrthogonalProjector
 
 RECIPE_SGD = dict(name="sgd", lr=0.05, weight_decay=5e-4, momentum=0.9)  # the CIFAR recipe's optimiser
@@ -115,6 +127,14 @@ def _synthetic_batch(device: str, batch: int, image_size: int, num_classes: int,
     return device, memory_format, images, labels, autocast
 
 
+def _captured_step(distiller, optimizer: torch.optim.Optimizer, device: torch.device):
+    """``step(images, labels, *teacher outputs)``: one :func:`vkd.engine.train_step` of ``distiller`` as the
+    engine's ``cuda_graph`` runs it (a :class:`vkd.engine.CapturedStep`, under the captured step's autocast)."""
+    autocast = mixed_precision(device, captured=True)
+    return captured_training_step(lambda x, y, *t: train_step(distiller, optimizer, x, y, 0, t or None, autocast),
+                                  distiller, optimizer, device)
+
+
 def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str = "vkd", batch: int = 64,
                 steps: int = 20, num_classes: int = 10, image_size: int = 32, device: str = "cpu",
                 method_options: dict | None = None, compile: bool | str = False, cuda_graph: bool = False,
@@ -126,12 +146,6 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
     ``compile`` as the engine's setting (True or a torch.compile mode; compiled during the warm-up steps).
     ``cuda_graph`` adds the student alone and the cached-teacher step as the engine's ``cuda_graph`` runs them
     ("captured": :class:`vkd.engine.CapturedStep`, on a GPU one CUDA graph replayed per step)."""
-    import timm
-
-    from .distillers import Distiller, MethodConfig
-    from .engine import captured_training_step, check_cuda_graph, compile_options, train_step
-    from .models import check_model_names
-
     check_model_names(student, teacher)
     if cuda_graph:
         check_cuda_graph(compile, "sgd")
@@ -160,15 +174,12 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
     with autocast:  # as TeacherCache returns them
         cached = setups[f"{method}, cached teacher"].teacher_outputs(images, pooled=True)
     cached = (cached[0].float(), cached[1].float())
-    captured_autocast = mixed_precision(device, captured=True)
     steps_by_name = {}
     for name, model in setups.items():
         optimizer = build_optimizer(model.trainable_parameters(), device=device, **RECIPE_SGD)
         outputs = cached if "cached" in name else None
         if name.endswith("captured"):
-            step = captured_training_step(
-                lambda x, y, *t, d=model, o=optimizer: train_step(d, o, x, y, 0, t or None, captured_autocast),
-                model, optimizer, device)
+            step = _captured_step(model, optimizer, device)
             steps_by_name[name] = synchronized(lambda s=step, t=outputs: s(images, labels, *(t or ())), device)
             continue
         steps_by_name[name] = synchronized(
@@ -189,14 +200,6 @@ def captured_step_difference(student: str = "resnet8", teacher: str = "resnet20"
     that it undoes).  Returns the largest absolute difference of any trainable parameter afterwards
     (``max_abs_difference``) and that difference relative to the largest parameter magnitude (``relative``):
     0 on the CPU (the same operations in the same order); on a GPU, rounding from non-deterministic kernels."""
-    import copy
-
-    import timm
-
-    from .distillers import Distiller, MethodConfig
-    from .engine import captured_training_step, check_cuda_graph, compile_options, train_step
-    from .models import check_model_names
-
     check_model_names(student, teacher)
     check_cuda_graph(compile, "sgd")
     device, memory_format, _, _, autocast = _synthetic_batch(device, batch, image_size, num_classes, seed)
@@ -216,10 +219,7 @@ def captured_step_difference(student: str = "resnet8", teacher: str = "resnet20"
             model.compile(**compile_options(compile))
     eager_optimizer, captured_optimizer = (build_optimizer(m.trainable_parameters(), device=device, **RECIPE_SGD)
                                            for m in (eager, captured))
-    captured_autocast = mixed_precision(device, captured=True)
-    step = captured_training_step(
-        lambda x, y, *t: train_step(captured, captured_optimizer, x, y, 0, t, captured_autocast),
-        captured, captured_optimizer, device)
+    step = _captured_step(captured, captured_optimizer, device)
     for (images, labels), outputs in zip(batches, cached, strict=True):
         train_step(eager, eager_optimizer, images, labels, 0, outputs, autocast)
         step(images, labels, *outputs)
@@ -238,12 +238,6 @@ def bench_deit(student: str = "deit_tiny_distilled_patch16_224", teacher: str = 
     distillation head, and with VkD added (orthogonal projection of the mean patch token to the
     teacher's layer-normed pooled features, smooth-L1).  The last row's ratio to the second is the
     cost of the VkD terms (projection, normalisation, loss)."""
-    import timm
-
-    from .distillers import Distiller, MethodConfig
-    from .engine import train_step
-    from .models import check_model_names
-
     check_model_names(student, teacher)
     device, memory_format, images, labels, autocast = _synthetic_batch(device, batch, image_size, num_classes, seed)
     gpu = device.type == "cuda"

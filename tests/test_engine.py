@@ -1,4 +1,5 @@
 import json
+import platform
 import re
 import subprocess
 from dataclasses import replace
@@ -8,6 +9,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
+import torchvision
 import yaml
 
 from vkd import data, engine
@@ -86,6 +88,9 @@ def test_every_method_distils_from_a_trained_teacher(data_root, tmp_path):
                                teacher_checkpoint=str(checkpoint)))
         metrics = pd.read_csv(tmp_path / f"runs/{method}/metrics.csv")
         assert summary["teacher_sha256"] and summary["device"].startswith("cpu")
+        assert summary["software"] == {"python": platform.python_version(), "torch": torch.__version__,
+                                       "torchvision": torchvision.__version__, "timm": timm.__version__,
+                                       "cuda": torch.version.cuda or "none"}
         terms = [c for c in metrics.columns if c.startswith("train_") and c not in ("train_loss", "train_acc")]
         assert len(terms) >= 2, (method, terms)  # CE plus the method's own term(s)
     assert json.loads((tmp_path / "runs/vkd/summary.json").read_text())["config"]["method"] == "vkd"

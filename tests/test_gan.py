@@ -195,6 +195,7 @@ def test_summary_records_the_final_generators_within_class_spread(tmp_path, teac
     assert summary["real_spread"] == pytest.approx(real, rel=1e-9)
     assert summary["spread_ratio"] == pytest.approx(generated / real, rel=1e-9)
     assert summary["spread_space"] == embedding.name
+    assert summary["software"]["torch"] == torch.__version__ and summary["software"]["python"]
     # a summary written before the spread was recorded is completed from generator.pt, on disk too
     path = config.run_dir() / "summary.json"
     older = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("spread_ratio", "real_spread",

@@ -28,6 +28,7 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2, get_optimizer_class
@@ -205,6 +206,13 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def software_versions() -> dict[str, str]:
+    """The versions a run's summary records next to its device: Python, torch (and the CUDA it was built
+    with, "none" for a CPU build), torchvision and timm."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "cuda": torch.version.cuda or "none"}
 
 
 REGENERATED_OUTPUTS = ("figures", "notebooks/executed")  # tracked, but rewritten by every notebook run
@@ -819,8 +827,9 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         "dataset": config.dataset, "fraction": config.fraction, "epochs": config.epochs, "seed": config.seed,
         "best_acc": max(accuracies), "best_epoch": accuracies.index(max(accuracies)) + 1,
         "last_acc": accuracies[-1], "last_top5": rows[-1]["test_top5"], "wall_seconds": elapsed,
-        "device": device_description(device), "processes": processes.world, "git_revision": revision,
-        "teacher_sha256": teacher_digest, "teacher_cached": cache is not None, "config": asdict(config),
+        "device": device_description(device), "software": software_versions(), "processes": processes.world,
+        "git_revision": revision, "teacher_sha256": teacher_digest, "teacher_cached": cache is not None,
+        "config": asdict(config),
     }
     if ema is not None:
         summary.update(best_acc_ema=max(r["test_acc_ema"] for r in rows), last_acc_ema=rows[-1]["test_acc_ema"])

@@ -43,6 +43,7 @@ from ..engine import (
     rng_state,
     seed_everything,
     set_rng_state,
+    software_versions,
 )
 from ..losses import VkDLoss
 from ..paths import progress_default, resolve, save_atomic, save_json_atomic, write_atomic
@@ -336,7 +337,8 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
         "best_fid": min(fids), "best_iteration": rows[fids.index(min(fids))]["iteration"], "last_fid": fids[-1],
         "fid_feature_space": fid.feature_space, "fid_samples": len(test_data.labels),
         **spread, "teacher": (teacher.name if teacher is not None else None), "wall_seconds": elapsed,
-        "device": device_description(device), "git_revision": revision, "config": asdict(config),
+        "device": device_description(device), "software": software_versions(), "git_revision": revision,
+        "config": asdict(config),
     }
     save_atomic({"generator": evaluated.state_dict(), "num_classes": num_classes, "channels": config.channels,
                  "z_dim": config.z_dim}, run_dir / "generator.pt")

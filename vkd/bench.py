@@ -113,14 +113,19 @@ def bench_projectors(
     return pd.DataFrame(rows)
 
 
+def _seeded_device(device: str, seed: int) -> torch.device:
+    """``device`` resolved ("auto": a GPU when present), torch seeded, cuDNN autotuning on a GPU (as the engine)."""
+    torch.manual_seed(seed)
+    device = resolve_device(device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    return device
+
+
 def _synthetic_batch(device: str, batch: int, image_size: int, num_classes: int, seed: int):
     """(device, memory format, random images (B, 3, S, S), labels (B,), autocast) set up as the engine
     trains: bf16 autocast, channels_last and cuDNN autotuning on a GPU."""
-    torch.manual_seed(seed)
-    device = resolve_device(device)
-    gpu = device.type == "cuda"
-    torch.backends.cudnn.benchmark = gpu
-    memory_format = torch.channels_last if gpu else torch.contiguous_format
+    device = _seeded_device(device, seed)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, num_classes, (batch,), device=device)
     autocast = mixed_precision(device)
@@ -274,10 +279,7 @@ def bench_gan(channels: int = 32, batch: int = 32, d_steps: int = 2, teacher: st
     from .gan import GANConfig, classifier_embedding
     from .gan.train import GANTraining
 
-    torch.manual_seed(seed)
-    device = resolve_device(device)
-    gpu = device.type == "cuda"
-    torch.backends.cudnn.benchmark = gpu
+    device = _seeded_device(device, seed)
     embedding = classifier_embedding(teacher, checkpoint=None).to(device)
     images = torch.randint(0, 256, (8 * batch, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, num_classes, (8 * batch,), device=device)
@@ -289,7 +291,7 @@ def bench_gan(channels: int = 32, batch: int = 32, d_steps: int = 2, teacher: st
         training = GANTraining(config, images, labels, num_classes, embedding if config.method == "vkd" else None,
                                device)
         steps_by_name[name] = synchronized(lambda t=training: t.iteration(0), device)
-    seconds = time_interleaved(steps_by_name, reps=steps, warmup=3 if gpu else 1)
+    seconds = time_interleaved(steps_by_name, reps=steps, warmup=3 if device.type == "cuda" else 1)
     base = seconds["DiffAugment (da)"]
     return pd.DataFrame([{"setup": name, "ms_per_iteration": s * 1e3, "time_vs_da": s / base}
                          for name, s in seconds.items()])

@@ -7,7 +7,7 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-from .cifar_resnet import _build_checked
+from .cifar_resnet import PooledClassifier, _build_checked
 
 
 def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, relu: bool = True) -> list:
@@ -27,27 +27,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_residual else self.conv(x)
 
 
-class _Classifier(nn.Module):
-    """timm's head interface on a (B, C, H, W) map: pooled features or logits."""
-
-    num_features: int
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = x.mean((2, 3))
-        return pooled if pre_logits else self.fc(pooled)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class CifarMobileNetV2(_Classifier):
+class CifarMobileNetV2(PooledClassifier):
     SETTINGS = ((1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2), (None, 96, 3, 1),
                 (None, 160, 3, 2), (None, 320, 1, 1))  # (expansion, channels, blocks, stride)
 
@@ -91,7 +71,7 @@ class Bottleneck(nn.Module):
         return self.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
 
 
-class CifarResNet50(_Classifier):
+class CifarResNet50(PooledClassifier):
     def __init__(self, num_classes: int = 100, in_chans: int = 3):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64)

@@ -59,7 +59,29 @@ class _Stage(nn.Module):
         return self.layer(x)
 
 
-class CifarResNet(nn.Module):
+class PooledClassifier(nn.Module):
+    """timm's head interface for a CNN whose ``forward_features`` gives a (B, num_features, H, W) map:
+    global average pooling, then the linear classifier ``fc`` (the subclass sets ``num_features`` and ``fc``)."""
+
+    num_features: int
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Last map -> pooled features (B, num_features) if ``pre_logits`` else logits (B, num_classes)."""
+        pooled = x.mean((2, 3))
+        return pooled if pre_logits else self.fc(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class CifarResNet(PooledClassifier):
     """Stem conv (3 -> widths[0]) then three stages of ``blocks`` blocks (widths[1:], strides 1, 2, 2).
 
     ``preact=True`` gives the wide ResNet (pre-activation blocks, BN-ReLU after the last stage).
@@ -92,27 +114,12 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, num_features, H/4, W/4) last feature map."""
         x = self.conv1(x)
         if self.preact:
             return self.relu(self.bn1(self.block3(self.block2(self.block1(x)))))
         return self.layer3(self.layer2(self.layer1(self.relu(self.bn1(x)))))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Last map -> pooled features (B, num_features) if ``pre_logits`` else logits (B, num_classes)."""
-        pooled = x.mean((2, 3))
-        return pooled if pre_logits else self.fc(pooled)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _build_checked(cls, pretrained: bool = False, **kwargs):

@@ -41,5 +41,5 @@ bench: setup  ## projector cost vs nn.Linear
 lock:  ## re-resolve the newest versions pyproject.toml allows (scratch venv, no constraints) into requirements-lock.txt
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q $(TORCH_PIN) && .venv-lock/bin/python -m pip install -q -e ".[dev]"
-	{ sed -n '1,3p' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable; } > $(LOCK).new
+	{ grep '^#' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock

@@ -132,6 +132,21 @@ def _synthetic_batch(device: str, batch: int, image_size: int, num_classes: int,
     return device, memory_format, images, labels, autocast
 
 
+def _bench_distiller(student: str, teacher: nn.Module | None, config: MethodConfig, num_classes: int,
+                     device: torch.device, memory_format: torch.memory_format) -> Distiller:
+    """A fresh ``student`` (timm name) distilling from the frozen ``teacher`` module, on ``device`` as the engine
+    places it."""
+    model = Distiller(timm.create_model(student, num_classes=num_classes), teacher, config)
+    return model.to(device, memory_format=memory_format)
+
+
+def _cached_outputs(distiller: Distiller, images: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's pooled features and logits for ``images`` in float32, as the engine's TeacherCache returns them."""
+    with autocast:
+        features, logits = distiller.teacher_outputs(images, pooled=True)
+    return features.float(), logits.float()
+
+
 def _captured_step(distiller, optimizer: torch.optim.Optimizer, device: torch.device):
     """``step(images, labels, *teacher outputs)``: one :func:`vkd.engine.train_step` of ``distiller`` as the
     engine's ``cuda_graph`` runs it (a :class:`vkd.engine.CapturedStep`, under the captured step's autocast)."""
@@ -161,9 +176,8 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
 
     def distiller(name: str, with_teacher: bool) -> Distiller:
         config = MethodConfig.for_method(name, **(method_options or {} if name != "ce" else {}))
-        model = Distiller(timm.create_model(student, num_classes=num_classes), frozen if with_teacher else None,
-                          config)
-        model = model.to(device, memory_format=memory_format)
+        model = _bench_distiller(student, frozen if with_teacher else None, config, num_classes, device,
+                                 memory_format)
         if compile:
             model.compile(**compile_options(compile))
         return model
@@ -176,9 +190,7 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
     if cuda_graph:
         setups.update({"student alone (ce), captured": distiller("ce", False),
                        f"{method}, cached teacher, captured": distiller(method, True)})
-    with autocast:  # as TeacherCache returns them
-        cached = setups[f"{method}, cached teacher"].teacher_outputs(images, pooled=True)
-    cached = (cached[0].float(), cached[1].float())
+    cached = _cached_outputs(setups[f"{method}, cached teacher"], images, autocast)
     steps_by_name = {}
     for name, model in setups.items():
         optimizer = build_optimizer(model.trainable_parameters(), device=device, **RECIPE_SGD)
@@ -212,12 +224,10 @@ def captured_step_difference(student: str = "resnet8", teacher: str = "resnet20"
     batches = [(torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
                 .contiguous(memory_format=memory_format),
                 torch.randint(0, num_classes, (batch,), generator=generator).to(device)) for _ in range(steps)]
-    eager = Distiller(timm.create_model(student, num_classes=num_classes),
-                      timm.create_model(teacher, num_classes=num_classes),
-                      MethodConfig.for_method(method, **(method_options or {})))
-    eager = eager.to(device, memory_format=memory_format)
-    with autocast:  # as TeacherCache returns them
-        cached = [tuple(t.float() for t in eager.teacher_outputs(images, pooled=True)) for images, _ in batches]
+    eager = _bench_distiller(student, timm.create_model(teacher, num_classes=num_classes),
+                             MethodConfig.for_method(method, **(method_options or {})), num_classes, device,
+                             memory_format)
+    cached = [_cached_outputs(eager, images, autocast) for images, _ in batches]
     captured = copy.deepcopy(eager)
     for model in (eager, captured):
         if compile:
@@ -255,8 +265,7 @@ def bench_deit(student: str = "deit_tiny_distilled_patch16_224", teacher: str = 
     }
     steps_by_name = {}
     for name, (config, frozen_teacher) in configs.items():
-        model = Distiller(timm.create_model(student, num_classes=num_classes), frozen_teacher, config)
-        model = model.to(device, memory_format=memory_format)
+        model = _bench_distiller(student, frozen_teacher, config, num_classes, device, memory_format)
         optimizer = build_optimizer(model.trainable_parameters(), "adamw", 5e-4, 0.05, 0.9, device)
         steps_by_name[name] = synchronized(
             lambda d=model, o=optimizer: train_step(d, o, images, labels, 0, None, autocast), device)

@@ -12,6 +12,8 @@ import copy
 import torch
 from torch import nn
 
+from .extras import optional_import
+
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:
     """Singular values of a (out x in) matrix, descending (float64 on CPU)."""
@@ -75,8 +77,7 @@ def knn_accuracy(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> fl
 def tsne(features: torch.Tensor, seed: int = 0, perplexity: float = 30.0) -> torch.Tensor:
     """2-d t-SNE embedding (scikit-learn, PCA initialisation) of (B, d) features -> (B, 2); the same
     ``seed`` gives the same embedding.  The perplexity is capped at (B - 1) / 3 for small batches."""
-    from sklearn.manifold import TSNE
-
+    TSNE = optional_import("sklearn.manifold", "notebooks").TSNE
     x = features.detach().double().cpu().numpy()
     embedding = TSNE(2, perplexity=min(perplexity, (len(x) - 1) / 3), init="pca", random_state=seed).fit_transform(x)
     return torch.from_numpy(embedding)

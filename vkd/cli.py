@@ -8,6 +8,8 @@ import sys
 
 import yaml
 
+from .extras import MissingExtraError
+
 
 def _parse_overrides(pairs: list[list[str]] | None) -> dict:
     return {name: yaml.safe_load(value) for name, value in (pairs or [])}
@@ -105,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     deit.add_argument("--device", default="auto", help="cpu | cuda | auto")
 
     args = parser.parse_args(argv)
+    try:
+        return _command(args)
+    except MissingExtraError as error:  # e.g. `run` where only the library is installed
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _command(args) -> int:
+    """Carry out the parsed command; its exit status."""
     if args.command in ("run", "reproduce"):
         from .notebooks import NotebookError, list_notebooks, run_as_script, run_notebook
 

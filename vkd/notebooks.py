@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from .extras import optional_import
 from .paths import PROGRESS_ENV, project_root
 
 PROFILES = ("smoke", "quick", "full")
@@ -61,10 +62,7 @@ def load_profile(profile: str, stem: str) -> dict[str, Any]:
 def inspect_parameters(name: str | Path) -> dict[str, Any]:
     """The parameters a notebook declares as papermill reads them (``papermill --help-notebook``): name ->
     papermill's record (default, type, help)."""
-    import jupytext
-    import nbformat
-    import papermill
-
+    jupytext, nbformat, papermill = (optional_import(m, "notebooks") for m in ("jupytext", "nbformat", "papermill"))
     path = find_notebook(name)
     notebook = jupytext.read(path)
     if not any("parameters" in cell.get("metadata", {}).get("tags", []) for cell in notebook.cells):
@@ -158,9 +156,7 @@ def run_notebook(
 
     Parameter names the notebook does not declare are refused; a failing cell raises NotebookError
     naming the cell, the exception and the executed copy, which holds the full traceback."""
-    import jupytext
-    import papermill
-
+    jupytext, papermill = (optional_import(m, "notebooks") for m in ("jupytext", "papermill"))
     path = find_notebook(name)
     values = checked_parameters(path, profile, parameters, params_file)
     notebook = jupytext.read(path)
@@ -221,9 +217,7 @@ def run_as_script(
     # on the next cell's marker line, so that tracebacks give the notebook's own line numbers
     injected = "".join(f"{key} = {value!r}; " for key, value in values.items())
     code = f"{head}{PARAMETERS_MARKER}{cell}\n{injected}# %% (parameters injected on this line){tail}"
-    import matplotlib
-
-    matplotlib.use("Agg")
+    optional_import("matplotlib", "notebooks").use("Agg")
     start, cwd = time.perf_counter(), os.getcwd()
     os.chdir(project_root())
     try:

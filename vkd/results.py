@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
+from .extras import optional_import
 from .paths import resolve
 
 PAPER_NUMBERS = "data/paper_numbers.csv"
@@ -90,6 +90,7 @@ def over_seeds(results: pd.DataFrame, baseline: str | None = "ce", decimals: int
 def render_table(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
     """Save ``table`` as a figure (PNG) for readers who look at figures/ rather than CSVs."""
     cells = table.astype(object).where(table.notna(), "")
+    plt = optional_import("matplotlib.pyplot", "notebooks")
     fig, ax = plt.subplots(figsize=(min(22, 1.2 + 1.25 * len(table.columns)), 0.9 + 0.32 * len(table)))
     ax.axis("off")
     grid = ax.table(cellText=cells.to_numpy(), colLabels=list(table.columns), loc="center", cellLoc="center")

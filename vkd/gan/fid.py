@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ..engine import checked_file
+from ..extras import optional_import
 from .features import ImageEmbedding
 
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -41,11 +41,13 @@ class FID:
 
     def __init__(self, features: str | ImageEmbedding = "inception", inception_weights: str = "",
                  device: str | torch.device = "cpu"):
+        FrechetInceptionDistance = optional_import("torchmetrics.image.fid", "gan").FrechetInceptionDistance
         if isinstance(features, ImageEmbedding):
             # torchmetrics hands a custom extractor its uint8 images as they are; ImageEmbedding takes uint8
             metric = FrechetInceptionDistance(feature=features, reset_real_features=False)
             self.feature_space = f"{features.name} ({features.num_features}-d), not comparable to Inception FID"
         elif features == "inception":
+            optional_import("torch_fidelity", "gan")  # torchmetrics' Inception-v3 comes from it
             weights = None
             if inception_weights:
                 weights, _ = checked_file(inception_weights, what="Inception weights",

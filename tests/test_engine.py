@@ -347,6 +347,21 @@ def test_a_config_with_an_unknown_model_method_or_option_is_refused_when_made(se
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"method": "kd"}, "method 'kd' distils from a teacher: set teacher"),
+    ({"method": "vkd", "teacher": "resnet8"}, "teacher 'resnet8' needs teacher_checkpoint"),
+    ({"compile": "fast"}, "compile: expected true, false or one of"),
+    ({"cuda_graph": True, "optimizer": "adamw"}, "cuda_graph supports SGD"),
+])
+def test_a_config_that_cannot_train_is_refused_when_made(settings, message, capsys):
+    """Before any data is read: `python -m vkd train` answers with the reason, not a traceback from the run."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig.from_values(**settings)
+    overrides = [word for key, value in settings.items() for word in ("-s", key, yaml.safe_dump(value))]
+    assert main(["train", *overrides]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_runs_in_parallel_processes_match_runs_in_this_process(data_root, tmp_path):
     configs = [config(data_root, tmp_path, name=f"p{seed}", seed=seed, epochs=2) for seed in (0, 1)]
     parallel = train_many(configs, processes=2)

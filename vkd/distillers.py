@@ -75,6 +75,11 @@ class MethodConfig:
             raise ValueError(f"unknown method option(s) {unknown}; expected some of {sorted(cls.__dataclass_fields__)}")
         return cls(**{**defaults, **overrides})
 
+    @property
+    def distils(self) -> bool:
+        """Whether a loss term learns from a teacher (every method but the student alone)."""
+        return any([self.kd_weight, self.fitnet_weight, self.dkd_weight, self.srd_weight, self.vkd_weight])
+
 
 def check_methods(methods: list[str], options: dict[str, dict] | None = None) -> None:
     """Refuse (ValueError), before anything trains, a ``methods`` list that is empty, repeats a method or names
@@ -101,8 +106,7 @@ class Distiller(nn.Module):
         super().__init__()
         self.student, self.teacher, self.config = student, teacher, config
         c = config
-        needs_teacher = any([c.kd_weight, c.fitnet_weight, c.dkd_weight, c.srd_weight, c.vkd_weight])
-        if needs_teacher and teacher is None:
+        if c.distils and teacher is None:
             raise ValueError("this method distils from a teacher, but no teacher was given")
         if teacher is not None:
             teacher.requires_grad_(False)

@@ -175,9 +175,19 @@ class TrainConfig(RunConfig):
     progress: bool = field(default_factory=progress_default)  # tqdm bars
 
     def __post_init__(self):
-        """Refuse unknown models, methods and method options when the config is made, not when it trains."""
+        """Refuse, when the config is made rather than when it trains: unknown models, methods and method
+        options; a method that distils without a teacher, a teacher without weights; an unknown compile mode
+        and settings a captured step cannot run with."""
         check_model_names(self.student, self.teacher)
-        MethodConfig.for_method(self.method, **self.method_options)
+        if MethodConfig.for_method(self.method, **self.method_options).distils and self.teacher is None:
+            raise ValueError(f"method {self.method!r} distils from a teacher: set teacher (a timm model name)")
+        if self.teacher is not None and self.teacher_checkpoint is None and not self.teacher_pretrained:
+            raise ValueError(f"teacher {self.teacher!r} needs teacher_checkpoint (a trained model's weights) "
+                             f"or teacher_pretrained=True (timm's hub, online)")
+        if self.compile:
+            compile_options(self.compile)
+        if self.cuda_graph:
+            check_cuda_graph(self.compile, self.optimizer)
 
     def run(self, stop_after: int | None = None) -> dict:
         return train(self, stop_after_epoch=stop_after)
@@ -323,9 +333,6 @@ def build_teacher(config: TrainConfig, num_classes: int) -> tuple[nn.Module | No
                 f"could not get timm's pretrained weights for {config.teacher!r} ({type(error).__name__}: {error}); "
                 f"offline, download them elsewhere and pass the file as teacher_checkpoint") from None
     teacher = timm.create_model(config.teacher, num_classes=num_classes)
-    if config.teacher_checkpoint is None:
-        raise ValueError(f"teacher {config.teacher!r} needs teacher_checkpoint (a trained model's weights) "
-                         f"or teacher_pretrained=True (timm's hub, online)")
     return teacher, load_weights(teacher, config.teacher_checkpoint, config.teacher_sha256)
 
 

@@ -45,7 +45,8 @@ from ..engine import (
     set_rng_state,
     software_versions,
 )
-from ..losses import VkDLoss
+from ..losses import VkDLoss, get_distance
+from ..normalization import get_normalization
 from ..paths import progress_default, resolve, save_atomic, save_json_atomic, write_atomic
 from ..projectors import retract_
 from .augment import DIFFAUGMENT_POLICY, diff_augment
@@ -95,6 +96,19 @@ class GANConfig(RunConfig):
     device: str = "auto"
     progress: bool = field(default_factory=progress_default)  # tqdm bars
 
+    def __post_init__(self):
+        """Refuse, when the config is made rather than when it trains: an unknown method, teacher normalisation,
+        distance or FID feature space, and evaluations that do not divide the iterations."""
+        if self.method not in GAN_METHODS:
+            raise ValueError(f"unknown GAN method {self.method!r}; expected one of {GAN_METHODS}")
+        get_normalization(self.norm)
+        get_distance(self.distance)
+        if self.fid_features not in ("inception", "teacher") and ":" not in self.fid_features:
+            raise ValueError(f"fid_features must be 'inception', 'teacher' or 'ARCH:CHECKPOINT', got "
+                             f"{self.fid_features!r}")
+        if self.iterations % self.eval_every:
+            raise ValueError(f"iterations ({self.iterations}) must be a multiple of eval_every ({self.eval_every})")
+
     def run(self, stop_after: int | None = None) -> dict:
         return train_gan(self, stop_after_iteration=stop_after)
 
@@ -112,10 +126,7 @@ def evaluation_embedding(config: GANConfig, teacher: ImageEmbedding | None = Non
         return None
     if config.fid_features == "teacher":
         return teacher if teacher is not None else build_teacher_embedding(config)
-    arch, sep, checkpoint = config.fid_features.partition(":")
-    if not sep:
-        raise ValueError(f"fid_features must be 'inception', 'teacher' or 'ARCH:CHECKPOINT', got "
-                         f"{config.fid_features!r}")
+    arch, _, checkpoint = config.fid_features.partition(":")
     return classifier_embedding(arch, checkpoint, dataset=config.dataset)
 
 
@@ -261,10 +272,6 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     """Train the GAN ``config`` describes (resuming from its checkpoint; a finished run is reused).
 
     ``stop_after_iteration`` ends the call after the checkpoint at that iteration, as if interrupted (tests)."""
-    if config.method not in GAN_METHODS:
-        raise ValueError(f"unknown GAN method {config.method!r}; expected one of {GAN_METHODS}")
-    if config.iterations % config.eval_every:
-        raise ValueError(f"iterations ({config.iterations}) must be a multiple of eval_every ({config.eval_every})")
     summary = finished_summary(config)
     if summary is not None:
         return summary if "spread_ratio" in summary else _add_spread(config, summary)

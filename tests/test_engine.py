@@ -375,7 +375,9 @@ def test_runs_in_parallel_processes_match_runs_in_this_process(data_root, tmp_pa
         pd.testing.assert_series_equal(ma.train_loss, mb.train_loss, rtol=1e-4)
 
 
-def test_exported_half_precision_weights_load_with_their_checksum(data_root, tmp_path):
+def test_exported_half_precision_weights_load_with_their_checksum(data_root, tmp_path, capsys):
+    assert main(["export", str(tmp_path / "runs/run"), str(tmp_path / "teacher.pt")]) == 2  # not trained yet
+    assert "no finished run (model.pt) at" in capsys.readouterr().err
     train(config(data_root, tmp_path, epochs=1))
     info = export_weights(tmp_path / "runs/run", tmp_path / "teacher.pt")
     state = torch.load(tmp_path / "teacher.pt")

@@ -169,7 +169,11 @@ def _command(args) -> int:
     if args.command == "export":
         from .engine import export_weights
 
-        print(json.dumps(export_weights(args.run_dir, args.path, half=not args.float32)))
+        try:
+            print(json.dumps(export_weights(args.run_dir, args.path, half=not args.float32)))
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         return 0
     try:  # bench
         _bench(args)

@@ -309,6 +309,9 @@ def export_weights(run_dir: str | Path, path: str | Path, half: bool = True) -> 
     The file is ``{"model": state_dict, "arch", "num_classes", "options", "test_acc"}`` (loadable by
     :func:`load_weights`); returns its description: path, sha256, arch, test accuracy (last epoch, %)."""
     run_dir = resolve(run_dir)
+    for name in ("model.pt", "summary.json"):
+        checked_file(run_dir / name, what=f"finished run ({name})",
+                     missing_hint="a run writes model.pt and summary.json when its last epoch ends")
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)
     summary = json.loads((run_dir / "summary.json").read_text())
     if half:

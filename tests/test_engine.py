@@ -240,6 +240,19 @@ def test_teacher_checksum_and_missing_file(data_root, tmp_path):
         load_weights(model, tmp_path / "missing.pt")
 
 
+def test_train_command_explains_missing_data_and_weights(tmp_path, monkeypatch, tiny_archive, capsys):
+    base = ["train", "-s", "out_dir", str(tmp_path / "runs"), "-s", "epochs", "1", "-s", "batch_size", "2",
+            "-s", "progress", "false", "-s", "data_root", str(tmp_path / "data")]
+    monkeypatch.delenv(data.ARCHIVE_ENV, raising=False)
+    assert main(base) == 2
+    assert capsys.readouterr().err.startswith(f"error: CIFAR-10 (JPEG) not found; looked in: {tmp_path / 'data'}")
+    monkeypatch.setenv(data.ARCHIVE_ENV, str(tiny_archive))
+    missing = tmp_path / "teacher.pt"
+    distilled = ["-s", "method", "kd", "-s", "teacher", "resnet8", "-s", "teacher_checkpoint", str(missing)]
+    assert main([*base, *distilled]) == 2
+    assert f"error: no checkpoint at {missing}" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a checkpoint loaded onto a GPU")
 def test_random_streams_restore_from_a_checkpoint_loaded_onto_the_gpu(tmp_path):
     """Resuming on a GPU loads the checkpoint with map_location="cuda", which moves the saved generator

@@ -145,7 +145,13 @@ def _command(args) -> int:
             return 2
         if args.named:
             config = config.named(args.named)
-        summary = config.run(stop_after=args.stop_after)
+        from .data import DataNotFoundError
+
+        try:
+            summary = config.run(stop_after=args.stop_after)
+        except (DataNotFoundError, FileNotFoundError) as error:  # the data or a weights file is not where it says
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_rank() == 0:

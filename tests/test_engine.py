@@ -29,6 +29,7 @@ from vkd.engine import (
     train,
     train_many,
 )
+from vkd.gan import GANConfig
 
 
 @pytest.fixture
@@ -360,18 +361,23 @@ def test_a_config_with_an_unknown_model_method_or_option_is_refused_when_made(se
         assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"method": "kd"}, "method 'kd' distils from a teacher: set teacher"),
-    ({"method": "vkd", "teacher": "resnet8"}, "teacher 'resnet8' needs teacher_checkpoint"),
-    ({"compile": "fast"}, "compile: expected true, false or one of"),
-    ({"cuda_graph": True, "optimizer": "adamw"}, "cuda_graph supports SGD"),
+@pytest.mark.parametrize("command, settings, message", [
+    ("train", {"method": "kd"}, "method 'kd' distils from a teacher: set teacher"),
+    ("train", {"method": "vkd", "teacher": "resnet8"}, "teacher 'resnet8' needs teacher_checkpoint"),
+    ("train", {"compile": "fast"}, "compile: expected true, false or one of"),
+    ("train", {"cuda_graph": True, "optimizer": "adamw"}, "cuda_graph supports SGD"),
+    ("gan", {"method": "kd"}, "unknown GAN method 'kd'"),
+    ("gan", {"iterations": 5}, "iterations (5) must be a multiple of eval_every"),
+    ("gan", {"norm": "whitening"}, "unknown normalisation 'whitening'"),
+    ("gan", {"distance": "l1"}, "unknown distance 'l1'"),
+    ("gan", {"fid_features": "resnet20"}, "fid_features must be 'inception', 'teacher' or 'ARCH:CHECKPOINT'"),
 ])
-def test_a_config_that_cannot_train_is_refused_when_made(settings, message, capsys):
-    """Before any data is read: `python -m vkd train` answers with the reason, not a traceback from the run."""
+def test_a_config_that_cannot_train_is_refused_when_made(command, settings, message, capsys):
+    """Before any data is read: `python -m vkd train` (`gan`) answers with the reason, not a traceback from the run."""
     with pytest.raises(ValueError, match=re.escape(message)):
-        TrainConfig.from_values(**settings)
+        {"train": TrainConfig, "gan": GANConfig}[command].from_values(**settings)
     overrides = [word for key, value in settings.items() for word in ("-s", key, yaml.safe_dump(value))]
-    assert main(["train", *overrides]) == 2
+    assert main([command, *overrides]) == 2
     assert message in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@ requirements-lock.txt that its range allows, and the Makefile and environment.ym
 The library installs without its extras: without their packages it imports and trains, and what needs
 one of them says which extra to install."""
 
+import functools
 import json
 import re
 import subprocess
@@ -19,6 +20,7 @@ from vkd.extras import MissingExtraError, optional_import
 from vkd.paths import project_root
 
 
+@functools.cache
 def project() -> dict:
     return tomllib.loads((project_root() / "pyproject.toml").read_text())["project"]
 

@@ -11,6 +11,12 @@ import yaml
 from .extras import MissingExtraError
 
 
+def _refused(error: Exception, status: int = 2) -> int:
+    """Report ``error`` as one ``error: ...`` line on stderr (no traceback); the exit status."""
+    print(f"error: {error}", file=sys.stderr)
+    return status
+
+
 def _parse_overrides(pairs: list[list[str]] | None) -> dict:
     return {name: yaml.safe_load(value) for name, value in (pairs or [])}
 
@@ -110,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _command(args)
     except MissingExtraError as error:  # e.g. `run` where only the library is installed
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _refused(error)
 
 
 def _command(args) -> int:
@@ -128,8 +133,7 @@ def _command(args) -> int:
                     run_notebook(name, args.profile, _parse_overrides(args.parameter), args.params_file,
                                  args.output_dir, args.log_output)
         except NotebookError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+            return _refused(error, 1)
         return 0
     if args.command in ("train", "gan"):
         if args.command == "train":
@@ -141,8 +145,7 @@ def _command(args) -> int:
         try:
             config = kind.from_file(args.config, **overrides) if args.config else kind.from_values(**overrides)
         except (FileNotFoundError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            return _refused(error)
         if args.named:
             config = config.named(args.named)
         from .data import DataNotFoundError
@@ -150,8 +153,7 @@ def _command(args) -> int:
         try:
             summary = config.run(stop_after=args.stop_after)
         except (DataNotFoundError, FileNotFoundError) as error:  # the data or a weights file is not where it says
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            return _refused(error)
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -168,8 +170,7 @@ def _command(args) -> int:
                                          args.batch, args.device, args.workers, _parse_overrides(args.model_option),
                                          args.num_classes)
         except (FileNotFoundError, DataNotFoundError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            return _refused(error)
         print(json.dumps(result))
         return 0
     if args.command == "export":
@@ -178,14 +179,12 @@ def _command(args) -> int:
         try:
             print(json.dumps(export_weights(args.run_dir, args.path, half=not args.float32)))
         except FileNotFoundError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            return _refused(error)
         return 0
     try:  # bench
         _bench(args)
     except ValueError as error:  # an unknown model, method or option
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _refused(error)
     return 0
 
 

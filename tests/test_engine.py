@@ -457,6 +457,17 @@ def test_summary_records_the_revision_the_run_started_with(data_root, tmp_path, 
     assert summary["git_revision"] == "abc1234"
 
 
+def test_a_cpu_run_records_the_processor_and_the_instruction_set_its_kernels_use(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu\n")
+    assert engine.cpu_model(cpuinfo) == "AMD EPYC 7B13"
+    assert engine.cpu_model(tmp_path / "absent") == (platform.processor() or platform.machine())
+    monkeypatch.setattr(engine, "cpu_model", lambda: "AMD EPYC 7B13")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert engine.device_description(torch.device("cpu")) == "cpu (AMD EPYC 7B13, AVX2, 2 threads)"
+
+
 def test_progress_bars_follow_the_environment_switch(monkeypatch):
     monkeypatch.setenv("VKD_PROGRESS", "0")  # what batch notebook runs set for their kernel
     assert not TrainConfig().progress

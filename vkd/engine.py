@@ -212,10 +212,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor's model name ("AMD EPYC", "Intel(R) Xeon(R) ...") where Linux's ``cpuinfo`` gives one,
+    else what :mod:`platform` knows ("x86_64")."""
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine()
+
+
 def device_description(device: torch.device) -> str:
+    """The GPU's name, or for the CPU its model, the instruction set torch's kernels use (AVX2, AVX512, ...) and
+    the thread count: what decides whether two CPU runs can agree to the last bit (kernels of different
+    instruction sets round differently, so a run repeats exactly only on the same kind of CPU)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
 
 
 def software_versions() -> dict[str, str]:

@@ -41,6 +41,7 @@ feature_weight: float = 1.0  # weight of the feature loss next to CE
 epochs: int = 240  # student epochs
 batch_size: int = 64
 lr: float = 0.05
+weight_decay: float = 5e-4  # the students' (and so W_p's) weight decay; paper B's ImageNet runs use 1e-4
 threshold: float = 0.01  # a singular value "collapsed" when below threshold x the largest
 teacher_cache_views: int = 0  # >0: cache teacher outputs for that many augmentation views
 seed: int = 0
@@ -71,7 +72,7 @@ def projector_spectrum(distiller) -> dict:
 
 summaries, spectra = {}, {}
 for norm in norms:
-    config = TrainConfig(student=student, method="srd", epochs=epochs, teacher=teacher,
+    config = TrainConfig(student=student, method="srd", epochs=epochs, weight_decay=weight_decay, teacher=teacher,
                          teacher_checkpoint=teacher_weights, teacher_cache_views=teacher_cache_views,
                          method_options={"srd_weight": feature_weight, "srd_projector": "linear", "srd_norm": norm,
                                          "srd_distance": "mse"}, out_dir=f"{runs_dir}/{tag}", **common)
@@ -101,8 +102,8 @@ for norm in norms:
                  "effective_rank_end": round(analysis.effective_rank(last), 1),
                  f"below_{threshold:g}_of_max_end": int((last < threshold * last.max()).sum()),
                  "min_over_max_end": float(last.min() / last.max()), "best_top1": round(summaries[norm]["best_acc"], 2),
-                 "epochs": epochs, "fraction": fraction, "seed": seed, "device": summaries[norm]["device"],
-                 "profile": profile})
+                 "epochs": epochs, "weight_decay": weight_decay, "fraction": fraction, "seed": seed,
+                 "device": summaries[norm]["device"], "profile": profile})
 table = pd.DataFrame(rows)
 table.to_csv(figures / "02_projector_spectra.csv", index=False)
 table

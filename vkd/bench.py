@@ -122,22 +122,20 @@ def _seeded_device(device: str, seed: int) -> torch.device:
 
 
 def _synthetic_batch(device: str, batch: int, image_size: int, num_classes: int, seed: int):
-    """(device, memory format, random images (B, 3, S, S), labels (B,), autocast) set up as the engine
-    trains: bf16 autocast, channels_last and cuDNN autotuning on a GPU."""
+    """(device, random images (B, 3, S, S), labels (B,), autocast) set up as the engine trains: channels_last,
+    and bf16 autocast and cuDNN autotuning on a GPU."""
     device = _seeded_device(device, seed)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+    images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, num_classes, (batch,), device=device)
-    autocast = mixed_precision(device)
-    return device, memory_format, images, labels, autocast
+    return device, images, labels, mixed_precision(device)
 
 
 def _bench_distiller(student: str, teacher: nn.Module | None, config: MethodConfig, num_classes: int,
-                     device: torch.device, memory_format: torch.memory_format) -> Distiller:
+                     device: torch.device) -> Distiller:
     """A fresh ``student`` (timm name) distilling from the frozen ``teacher`` module, on ``device`` as the engine
     places it."""
     model = Distiller(timm.create_model(student, num_classes=num_classes), teacher, config)
-    return model.to(device, memory_format=memory_format)
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def _cached_outputs(distiller: Distiller, images: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +160,7 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
     """Training-step throughput (images/s) of the student alone, and with ``method`` distilling from
     ``teacher`` with teacher outputs from the cache (steady state) and computed on the fly.
 
-    On a GPU the steps run as the engine runs them: bf16 autocast, channels_last, synchronised per step;
+    The steps run as the engine runs them: channels_last; on a GPU bf16 autocast, synchronised per step;
     ``compile`` as the engine's setting (True or a torch.compile mode; compiled during the warm-up steps).
     ``cuda_graph`` adds the student alone and the cached-teacher step as the engine's ``cuda_graph`` runs them
     ("captured": :class:`vkd.engine.CapturedStep`, on a GPU one CUDA graph replayed per step)."""
@@ -170,14 +168,13 @@ def bench_train(student: str = "resnet8", teacher: str = "resnet20", method: str
     if cuda_graph:
         check_cuda_graph(compile, "sgd")
 
-    device, memory_format, images, labels, autocast = _synthetic_batch(device, batch, image_size, num_classes, seed)
+    device, images, labels, autocast = _synthetic_batch(device, batch, image_size, num_classes, seed)
     gpu = device.type == "cuda"
     frozen = timm.create_model(teacher, num_classes=num_classes)
 
     def distiller(name: str, with_teacher: bool) -> Distiller:
         config = MethodConfig.for_method(name, **(method_options or {} if name != "ce" else {}))
-        model = _bench_distiller(student, frozen if with_teacher else None, config, num_classes, device,
-                                 memory_format)
+        model = _bench_distiller(student, frozen if with_teacher else None, config, num_classes, device)
         if compile:
             model.compile(**compile_options(compile))
         return model
@@ -219,14 +216,14 @@ def captured_step_difference(student: str = "resnet8", teacher: str = "resnet20"
     0 on the CPU (the same operations in the same order); on a GPU, rounding from non-deterministic kernels."""
     check_model_names(student, teacher)
     check_cuda_graph(compile, "sgd")
-    device, memory_format, _, _, autocast = _synthetic_batch(device, batch, image_size, num_classes, seed)
+    device = _seeded_device(device, seed)
+    autocast = mixed_precision(device)
     generator = torch.Generator().manual_seed(seed)
     batches = [(torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
-                .contiguous(memory_format=memory_format),
+                .contiguous(memory_format=torch.channels_last),
                 torch.randint(0, num_classes, (batch,), generator=generator).to(device)) for _ in range(steps)]
     eager = _bench_distiller(student, timm.create_model(teacher, num_classes=num_classes),
-                             MethodConfig.for_method(method, **(method_options or {})), num_classes, device,
-                             memory_format)
+                             MethodConfig.for_method(method, **(method_options or {})), num_classes, device)
     cached = [_cached_outputs(eager, images, autocast) for images, _ in batches]
     captured = copy.deepcopy(eager)
     for model in (eager, captured):
@@ -248,15 +245,15 @@ def captured_step_difference(student: str = "resnet8", teacher: str = "resnet20"
 def bench_deit(student: str = "deit_tiny_distilled_patch16_224", teacher: str = "regnety_160", batch: int = 256,
                steps: int = 10, image_size: int = 224, num_classes: int = 1000, device: str = "auto",
                seed: int = 0) -> pd.DataFrame:
-    """A DeiT training step (AdamW, bf16 autocast and channels_last on a GPU) on synthetic images:
+    """A DeiT training step (AdamW, channels_last, bf16 autocast on a GPU) on synthetic images:
     the student alone (CE on the class head), with the teacher's forward and KD (T=1) on the
     distillation head, and with VkD added (orthogonal projection of the mean patch token to the
     teacher's layer-normed pooled features, smooth-L1).  The last row's ratio to the second is the
     cost of the VkD terms (projection, normalisation, loss)."""
     check_model_names(student, teacher)
-    device, memory_format, images, labels, autocast = _synthetic_batch(device, batch, image_size, num_classes, seed)
+    device, images, labels, autocast = _synthetic_batch(device, batch, image_size, num_classes, seed)
     gpu = device.type == "cuda"
-    frozen = timm.create_model(teacher, num_classes=num_classes).to(device, memory_format=memory_format)
+    frozen = timm.create_model(teacher, num_classes=num_classes).to(device, memory_format=torch.channels_last)
     deit_objective = {"ce_weight": 1.0, "kd_weight": 1.0, "temperature": 1.0}
     configs = {
         "student alone (ce)": (MethodConfig.for_method("ce"), None),
@@ -265,7 +262,7 @@ def bench_deit(student: str = "deit_tiny_distilled_patch16_224", teacher: str = 
     }
     steps_by_name = {}
     for name, (config, frozen_teacher) in configs.items():
-        model = _bench_distiller(student, frozen_teacher, config, num_classes, device, memory_format)
+        model = _bench_distiller(student, frozen_teacher, config, num_classes, device)
         optimizer = build_optimizer(model.trainable_parameters(), "adamw", 5e-4, 0.05, 0.9, device)
         steps_by_name[name] = synchronized(
             lambda d=model, o=optimizer: train_step(d, o, images, labels, 0, None, autocast), device)

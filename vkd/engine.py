@@ -154,7 +154,7 @@ class TrainConfig(RunConfig):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast (GPU only)
-    channels_last: bool = True  # (GPU only)
+    channels_last: bool = True  # networks and images in NHWC (faster convolutions on GPUs and CPUs)
     teacher_cache_views: int = 0  # >0: cache teacher outputs for this many augmentation views (TeacherCache)
     teacher_pretrained: bool = False  # no teacher_checkpoint: take the teacher's weights from timm's hub (online)
     # ImageNet-style recipes (DeiT); the defaults leave the CIFAR runs as they are
@@ -689,7 +689,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         processes.barrier()
     distiller, teacher_digest = build_distiller(config, num_classes)
     distiller.to(device)
-    if device.type == "cuda" and config.channels_last:
+    if config.channels_last:
         distiller.to(memory_format=torch.channels_last)
     if config.compile:  # the whole forward (student, teacher, losses); in place, so checkpoints keep their names
         distiller.compile(**compile_options(config.compile))
@@ -763,7 +763,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
 
     def prepare(chunk: torch.Tensor) -> torch.Tensor:
         """Images in the memory format the networks run in."""
-        if device.type == "cuda" and config.channels_last:
+        if config.channels_last:
             return chunk.contiguous(memory_format=torch.channels_last)
         return chunk
 

@@ -20,7 +20,7 @@
 # same data, schedule and seeds (with several `seeds`, e.g. `[0, 1, 2]`, the tables give mean ± std over
 # them). The `full` profile is the CRD / mdistiller recipe (240 epochs, SGD lr 0.05, batch 64, ×0.1 at
 # 150/180/210) for resnet32x4 → resnet8x4; `quick` is a CPU-sized version (smaller pair, data fraction,
-# few epochs) and `smoke` only proves the plumbing.
+# few epochs, the committed CPU-trained resnet20 teacher) and `smoke` only proves the plumbing.
 #
 # The papers report CIFAR-100; the data here is CIFAR-10 (JPEG) unless `dataset` says otherwise, so
 # the `paper_top1` column is context (its dataset is shown next to it), not a target.

@@ -125,7 +125,8 @@ statistics = over_seeds(results)
 if len(seeds) > 1:
     statistics.to_csv(figures / "01_cifar_seeds.csv", index=False)
 shown = results if len(seeds) == 1 else statistics
-title = f"{dataset}, {fraction:.0%} of the training data, profile {profile}, {seeds_text}, {results.device.iloc[0]}"
+student_device = results.device.iloc[-1]  # not the first row's: a committed teacher was trained elsewhere
+title = f"{dataset}, {fraction:.0%} of the training data, profile {profile}, {seeds_text}, {student_device}"
 render_table(shown.drop(columns=["git", "seed", "profile", "device"], errors="ignore"),
              figures / "01_cifar_results.png", title)
 shown

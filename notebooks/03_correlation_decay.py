@@ -24,7 +24,10 @@
 # The papers do not define the correlation measure. We report two (`vkd.analysis`):
 # `matched` -- mean |Pearson correlation| between input dimension i and output dimension i;
 # `cka` -- linear CKA between the input and output batches. `measure` picks the one plotted first.
-# Every run is VkD (teacher layer norm, smooth-L1) with only the projector changed.
+# Every run is VkD (teacher layer norm, smooth-L1) with only the projector changed. With several `seeds`
+# every projector is trained once per seed (each seed draws its training subset and its probe images) and
+# the ablation is also given as mean ± std over the seeds, with each projector's rank among the projectors of
+# its seed (1: the best last top-1).
 #
 # **Paper A's t-SNE figure**: the student's features after an orthogonal and after a linear projection.
 # At the end we map the probe images' projected features with t-SNE and measure how well the classes
@@ -54,7 +57,7 @@ epochs: int = 240
 batch_size: int = 64
 lr: float = 0.05
 teacher_cache_views: int = 0  # >0: cache teacher outputs for that many augmentation views
-seed: int = 0
+seeds: list = [0]  # student seeds; the teacher and the feature-geometry section use the first
 device: str = "auto"
 
 # %%
@@ -66,80 +69,99 @@ import torch
 from vkd import analysis, data
 from vkd.engine import TrainConfig, load_distiller, train, train_teacher
 from vkd.paths import output_dir
+from vkd.results import distinct_seeds, over_seeds
 
+seeds = distinct_seeds(seeds)
 figures = output_dir(figures_dir)
 tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
 common = dict(dataset=dataset, download=download, fraction=fraction, test_fraction=test_fraction,
-              batch_size=batch_size, lr=lr, seed=seed, device=device)
+              batch_size=batch_size, lr=lr, seed=seeds[0], device=device)
 teacher_weights, _ = train_teacher(teacher, teacher_epochs, teacher_checkpoint, out_dir=f"{teachers_dir}/{tag}",
                                    **common)
 
-probe_batch, probe_labels = data.test_batch(dataset, probe_images, seed, download=download)
+probes = {seed: data.test_batch(dataset, probe_images, seed, download=download) for seed in seeds}
 
 
 # %%
-def correlation(distiller) -> dict:
-    inputs, outputs = distiller.projector_io(probe_batch.to(next(distiller.parameters()).device), "vkd")
-    return {name: fn(inputs, outputs) for name, fn in analysis.CORRELATIONS.items()}
+def correlation_on(images: torch.Tensor):
+    """The probe of a run: both correlation measures of its projector on ``images``."""
+    def correlation(distiller) -> dict:
+        inputs, outputs = distiller.projector_io(images.to(next(distiller.parameters()).device), "vkd")
+        return {name: fn(inputs, outputs) for name, fn in analysis.CORRELATIONS.items()}
+    return correlation
 
 
-summaries, configs, curves, accuracy = {}, {}, [], []
-for spec in projectors:
-    kind, _, hidden = spec.partition("-")
-    options = {"vkd_projector": kind, **({"vkd_hidden": int(hidden)} if hidden else {})}
-    config = TrainConfig(student=student, method="vkd", epochs=epochs, teacher=teacher,
-                         teacher_checkpoint=teacher_weights, method_options=options,
-                         teacher_cache_views=teacher_cache_views, out_dir=f"{runs_dir}/{tag}", **common)
-    configs[spec] = config = config.named(f"{spec}-{student}")
-    summaries[spec] = train(config, probe=correlation, probe_every=probe_every)
-    run = config.run_dir()
-    curves.append(pd.read_json(run / "probes.json").assign(projector=spec))
-    accuracy.append(pd.read_csv(run / "metrics.csv").assign(projector=spec))
-    print(f"{spec:12s} best {summaries[spec]['best_acc']:.2f} %")
+summaries, configs, curves, accuracy = {}, {}, [], []  # summaries, configs: (projector, seed) -> run's
+for seed in seeds:
+    for spec in projectors:
+        kind, _, hidden = spec.partition("-")
+        options = {"vkd_projector": kind, **({"vkd_hidden": int(hidden)} if hidden else {})}
+        config = TrainConfig(student=student, method="vkd", epochs=epochs, teacher=teacher,
+                             teacher_checkpoint=teacher_weights, method_options=options,
+                             teacher_cache_views=teacher_cache_views, out_dir=f"{runs_dir}/{tag}",
+                             **{**common, "seed": seed})
+        configs[spec, seed] = config = config.named(f"{spec}-{student}")
+        summaries[spec, seed] = train(config, probe=correlation_on(probes[seed][0]), probe_every=probe_every)
+        run = config.run_dir()
+        curves.append(pd.read_json(run / "probes.json").assign(projector=spec, seed=seed))
+        accuracy.append(pd.read_csv(run / "metrics.csv").assign(projector=spec, seed=seed))
+        print(f"{spec:12s} seed {seed}  best {summaries[spec, seed]['best_acc']:.2f} %")
 curves, accuracy = pd.concat(curves, ignore_index=True), pd.concat(accuracy, ignore_index=True)
 curves.to_csv(figures / "03_correlation_decay.csv", index=False)
+seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean and 95 % interval over seeds {seeds}"
 
 # %%
-smooth = curves.assign(**curves.groupby("projector")[list(analysis.CORRELATIONS)].transform(
+runs = ["projector", "seed"]
+smooth = curves.assign(**curves.groupby(runs)[list(analysis.CORRELATIONS)].transform(
     lambda v: v.rolling(smoothing, min_periods=1).mean()))
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
 for ax, name in zip(axes, [measure, *[m for m in analysis.CORRELATIONS if m != measure]], strict=True):
     sns.lineplot(data=smooth, x="step", y=name, hue="projector", ax=ax, legend=ax is axes[0])
     ax.set(xlabel="iteration", ylabel=f"input-output correlation ({name})")
-fig.suptitle(f"Projector input-output correlation, {student} ← {teacher} (VkD loss)", y=1.02)
+fig.suptitle(f"Projector input-output correlation, {student} ← {teacher} (VkD loss), {seeds_text}", y=1.02)
 fig.savefig(figures / "03_correlation_decay.png", dpi=120, bbox_inches="tight")
 
 # %%
 fig, ax = plt.subplots(figsize=(6, 3.8))
 sns.lineplot(data=accuracy, x="epoch", y="test_acc", hue="projector", marker="o", ax=ax)
-ax.set(ylabel="test top-1 (%)", title=f"VkD projector ablation, {student} ← {teacher}")
+ax.set(ylabel="test top-1 (%)", title=f"VkD projector ablation, {student} ← {teacher}\n{seeds_text}")
 fig.savefig(figures / "03_projector_ablation.png", dpi=120, bbox_inches="tight")
-final = curves.groupby("projector").tail(1).set_index("projector")
-peaks = smooth.loc[smooth.groupby("projector")[measure].idxmax()].set_index("projector")  # of the plotted curve
+first = curves.groupby(runs).head(1).set_index(runs)
+final = curves.groupby(runs).tail(1).set_index(runs)
+peaks = smooth.loc[smooth.groupby(runs)[measure].idxmax()].set_index(runs)  # of the plotted curve
 table = pd.DataFrame({
-    "projector": list(summaries),
-    "start_matched": [curves[curves.projector == p].matched.iloc[0] for p in summaries],
-    "end_matched": [final.loc[p, "matched"] for p in summaries],
-    f"peak_{measure}": [peaks.loc[p, measure] for p in summaries],
-    "peak_step": [peaks.loc[p, "step"] for p in summaries],
-    "start_cka": [curves[curves.projector == p].cka.iloc[0] for p in summaries],
-    "end_cka": [final.loc[p, "cka"] for p in summaries],
+    "projector": [spec for spec, _ in summaries],
+    "start_matched": [first.loc[run, "matched"] for run in summaries],
+    "end_matched": [final.loc[run, "matched"] for run in summaries],
+    f"peak_{measure}": [peaks.loc[run, measure] for run in summaries],
+    "peak_step": [peaks.loc[run, "step"] for run in summaries],
+    "start_cka": [first.loc[run, "cka"] for run in summaries],
+    "end_cka": [final.loc[run, "cka"] for run in summaries],
     "best_top1": [s["best_acc"] for s in summaries.values()], "last_top1": [s["last_acc"] for s in summaries.values()],
-    "epochs": epochs, "fraction": fraction, "seed": seed, "device": next(iter(summaries.values()))["device"],
-    "profile": profile}).round(4)
+    "epochs": epochs, "fraction": fraction, "seed": [seed for _, seed in summaries],
+    "device": next(iter(summaries.values()))["device"], "profile": profile,
+    "wall_s": [round(s["wall_seconds"]) for s in summaries.values()]}).round(4)
+table.insert(table.columns.get_loc("last_top1") + 1, "rank",  # among the projectors of its seed, by last top-1
+             table.groupby("seed").last_top1.rank(ascending=False, method="min").astype(int))
 table.to_csv(figures / "03_projector_ablation.csv", index=False)
-table
+# over seeds: each projector's final correlation, accuracy and rank, mean ± std across seeds
+statistics = over_seeds(table.drop(columns=["start_matched", f"peak_{measure}", "peak_step", "start_cka", "end_cka"]),
+                        baseline=None, decimals=4, values=("end_matched", "best_top1", "last_top1", "rank"))
+if len(seeds) > 1:
+    statistics.to_csv(figures / "03_projector_ablation_seeds.csv", index=False)
+table if len(seeds) == 1 else statistics
 
 # %% [markdown]
 # ## Feature geometry after the projection (paper A's t-SNE figure)
-# Each trained student's pooled features on the probe images, before and after its projector, and the
-# teacher's: class separation as k-NN accuracy in each space (the orthogonal projector keeps every
-# distance of the student, so its two numbers agree by construction), and t-SNE maps of the projected
-# features next to the teacher's.
+# Each trained student of the first seed: its pooled features on the probe images, before and after its
+# projector, and the teacher's: class separation as k-NN accuracy in each space (the orthogonal projector
+# keeps every distance of the student, so its two numbers agree by construction), and t-SNE maps of the
+# projected features next to the teacher's.
 
 # %%
+probe_batch, probe_labels = probes[seeds[0]]
 with torch.no_grad():
-    distillers = {spec: load_distiller(config) for spec, config in configs.items()}
+    distillers = {spec: load_distiller(configs[spec, seeds[0]]) for spec in projectors}
     spaces = {spec: distiller.projector_io(probe_batch, "vkd") for spec, distiller in distillers.items()}
     teacher_features = next(iter(distillers.values())).teacher_outputs(probe_batch, pooled=True)[0]
 geometry = pd.DataFrame({
@@ -147,7 +169,7 @@ geometry = pd.DataFrame({
     "knn_student": [analysis.knn_accuracy(inputs, probe_labels, knn) for inputs, _ in spaces.values()],
     "knn_projected": [analysis.knn_accuracy(outputs, probe_labels, knn) for _, outputs in spaces.values()],
     "knn_teacher": analysis.knn_accuracy(teacher_features, probe_labels, knn), "k": knn,
-    "probe_images": len(probe_labels), "epochs": epochs, "fraction": fraction, "seed": seed,
+    "probe_images": len(probe_labels), "epochs": epochs, "fraction": fraction, "seed": seeds[0],
     "device": next(iter(summaries.values()))["device"], "profile": profile})
 geometry = geometry.round({"knn_student": 2, "knn_projected": 2, "knn_teacher": 2})
 geometry.to_csv(figures / "03_feature_geometry.csv", index=False)
@@ -156,7 +178,7 @@ class_names = data.load_tensor_data(dataset, "test", download=download).classes
 panels = {"teacher": teacher_features, **{f"{p} projection": spaces[p][1] for p in tsne_projectors if p in spaces}}
 fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
 for ax, (title, features) in zip(axes[0], panels.items(), strict=True):
-    xy = analysis.tsne(features, seed)
+    xy = analysis.tsne(features, seeds[0])
     sns.scatterplot(x=xy[:, 0], y=xy[:, 1], hue=[class_names[i] for i in probe_labels], hue_order=class_names,
                     palette="tab10", s=8, linewidth=0, ax=ax, legend=ax is axes[0, -1] and len(class_names) <= 10)
     ax.set(title=title, xticks=[], yticks=[], xlabel="", ylabel="")
@@ -168,21 +190,25 @@ geometry
 
 # %% [markdown]
 # ## Paper vs. this run
-# Printed from the tables: does the correlation decay, is the linear projector's final correlation
-# above the MLPs', does the orthogonal projector end with the best accuracy, and in which student's
-# feature space do the classes separate best?
+# Printed from the tables (with several seeds, from each projector's means over them): does the correlation
+# decay, is the linear projector's final correlation above the MLPs', does the orthogonal projector end with
+# the best accuracy, and in which student's feature space do the classes separate best?
 
 # %%
-t = table.set_index("projector")
+columns = [f"start_{measure}", f"end_{measure}", f"peak_{measure}", "last_top1"]
+t = table.groupby("projector", sort=False)[columns].mean()
 mlps = [p for p in t.index if p.startswith("mlp")]
 print("correlation ends below its start for:",
       [p for p in t.index if t.loc[p, f"end_{measure}"] < t.loc[p, f"start_{measure}"]])
 print("fall from the (smoothed) peak to the end:",
-      {p: round(t.loc[p, f"peak_{measure}"] - t.loc[p, f"end_{measure}"], 3) for p in t.index})
+      {p: round(float(t.loc[p, f"peak_{measure}"] - t.loc[p, f"end_{measure}"]), 3) for p in t.index})
 if "linear" in t.index and mlps:
     above = all(t.loc["linear", f"end_{measure}"] > t.loc[m, f"end_{measure}"] for m in mlps)
     print(f"linear ends above every MLP ({measure}): {above} (paper: yes)")
-print(f"best final accuracy: {t.last_top1.idxmax()} (paper A: orthogonal)")
+print(f"best final accuracy (last top-1, mean over seeds {seeds}): {t.last_top1.idxmax()} (paper A: orthogonal)")
+if "orthogonal" in t.index:
+    print(f"the orthogonal projector's rank among the {len(projectors)} by last top-1, per seed:",
+          dict(zip(seeds, table[table.projector == "orthogonal"]["rank"].tolist(), strict=True)))
 g = geometry.set_index("projector")
 print(f"classes separate best (k-NN on the student's own features) after training with: {g.knn_student.idxmax()} "
       f"({g.knn_student.max():.1f} %; teacher {g.knn_teacher.iloc[0]:.1f} %)")

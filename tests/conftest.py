@@ -26,3 +26,11 @@ def write_archive(folder, per_class=3, classes=("cat", "dog"), seed=0):
 @pytest.fixture
 def tiny_archive(tmp_path_factory):
     return write_archive(tmp_path_factory.mktemp("archive"))
+
+
+@pytest.fixture(autouse=True)
+def new_process_teacher_cache(monkeypatch):
+    """Each test starts as a new process would: no teacher outputs shared from an earlier test's runs."""
+    from vkd import engine
+
+    monkeypatch.setattr(engine, "_last_teacher_outputs", None)

@@ -44,16 +44,36 @@ def config(root, tmp_path, **changes):
     return TrainConfig(**{**base, **changes})
 
 
+def new_process(monkeypatch):
+    """Forget the teacher outputs that this process's earlier runs left for its next run (TeacherCache)."""
+    monkeypatch.setattr(engine, "_last_teacher_outputs", None)
+
+
+def count_teacher_batches(monkeypatch) -> list[int]:
+    """The sizes of the batches the teacher runs on from now on (appended as it runs)."""
+    sizes = []
+    teacher_outputs = Distiller.teacher_outputs
+
+    def counted(self, images, pooled=False):
+        sizes.append(len(images))
+        return teacher_outputs(self, images, pooled)
+
+    monkeypatch.setattr(Distiller, "teacher_outputs", counted)
+    return sizes
+
+
 @pytest.mark.parametrize("distilled", [False, True])
-def test_resumed_run_equals_uninterrupted_run(data_root, tmp_path, distilled):
+def test_resumed_run_equals_uninterrupted_run(data_root, tmp_path, distilled, monkeypatch):
     settings = {}
     if distilled:  # from a teacher cache of 2 views: epoch 3 reads view 0, which the interrupted process filled
         train(config(data_root, tmp_path, name="teacher", epochs=1))
         settings = dict(method="vkd", teacher="resnet8", teacher_checkpoint=str(tmp_path / "runs/teacher/model.pt"),
                         teacher_cache_views=2)
     full = train(config(data_root, tmp_path, name="full", **settings))
+    new_process(monkeypatch)
     interrupted = config(data_root, tmp_path, name="split", **settings)
     assert train(interrupted, stop_after_epoch=1) == {"stopped_after_epoch": 1}
+    new_process(monkeypatch)
     resumed = train(interrupted)
     assert resumed["best_acc"] == full["best_acc"] and resumed["last_acc"] == full["last_acc"]
     a = torch.load(tmp_path / "runs/full/model.pt")["model"]
@@ -140,20 +160,14 @@ def test_teacher_cache_fills_a_chunk_of_batches_at_a_time(data_root, tmp_path, m
     train(config(data_root, tmp_path, name="teacher", epochs=1))
     common = dict(method="vkd", epochs=3, teacher="resnet8", teacher_checkpoint=str(teacher), teacher_cache_views=2)
     by_batch = train(config(data_root, tmp_path, name="by-batch", **common))
-    teacher_batches = []
-    teacher_outputs = Distiller.teacher_outputs
-
-    def counted(self, images, pooled=False):
-        teacher_batches.append(len(images))
-        return teacher_outputs(self, images, pooled)
-
-    monkeypatch.setattr(Distiller, "teacher_outputs", counted)
+    teacher_batches = count_teacher_batches(monkeypatch)
     monkeypatch.setattr(data.TensorLoader, "__init__", partialmethod(data.TensorLoader.__init__, chunk_size=6))
     chunked = config(data_root, tmp_path, name="chunked", **common)
     assert train(chunked, stop_after_epoch=1) == {"stopped_after_epoch": 1}
     used = len(data.load_tensor_data("cifar10-jpeg", "train", data_root).labels) // 2 * 2  # whole batches of 2
     per_view = [6] * (used // 6) + ([used % 6] if used % 6 else [])  # chunks of three batches
     assert teacher_batches == per_view  # epoch 1 filled view 0
+    new_process(monkeypatch)
     summary = train(chunked)  # resumed with an empty cache: epoch 2 fills view 1, epoch 3 view 0 again
     assert teacher_batches == per_view * 3
     a = pd.read_csv(tmp_path / "runs/by-batch/metrics.csv")
@@ -161,6 +175,30 @@ def test_teacher_cache_fills_a_chunk_of_batches_at_a_time(data_root, tmp_path, m
     pd.testing.assert_series_equal(a.test_acc, b.test_acc)
     pd.testing.assert_series_equal(a.train_vkd, b.train_vkd, rtol=1e-3)  # the teacher at another batch size
     assert by_batch["best_acc"] == summary["best_acc"]
+
+
+@pytest.mark.parametrize("stored", ["as given", "altered"])
+def test_runs_of_one_process_share_teacher_outputs_and_train_as_alone(data_root, tmp_path, monkeypatch, stored):
+    # a notebook's students of one teacher: the second reads the views the first filled (after checking the first
+    # chunk of each against the teacher) and ends with the weights and metrics it gets in a process of its own
+    teacher = tmp_path / "runs/teacher/model.pt"
+    train(config(data_root, tmp_path, name="teacher", epochs=1))
+    common = dict(epochs=3, teacher="resnet8", teacher_checkpoint=str(teacher), teacher_cache_views=2)
+    train(config(data_root, tmp_path, name="alone", method="vkd", **common))
+    new_process(monkeypatch)
+    train(config(data_root, tmp_path, name="first", method="kd", **common))
+    if stored == "altered":  # e.g. the data changed on disk between the runs: the check finds it, the teacher runs
+        engine._last_teacher_outputs.features[1] += 1
+    teacher_batches = count_teacher_batches(monkeypatch)
+    train(config(data_root, tmp_path, name="second", method="vkd", **common))
+    epoch = len(data.load_tensor_data("cifar10-jpeg", "train", data_root).labels) // 2  # batches of 2
+    assert teacher_batches == {"as given": [2, 2], "altered": [2] + [2] * epoch}[stored]  # view 1 run in full
+    alone = torch.load(tmp_path / "runs/alone/model.pt")["model"]
+    second = torch.load(tmp_path / "runs/second/model.pt")["model"]
+    assert all(torch.equal(second[k], alone[k]) for k in alone)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "runs/second/metrics.csv").drop(columns="epoch_seconds"),
+                                  pd.read_csv(tmp_path / "runs/alone/metrics.csv").drop(columns="epoch_seconds"),
+                                  check_exact=True)
 
 
 def test_a_captured_step_gives_the_eager_run_bit_for_bit(data_root, tmp_path, monkeypatch):

@@ -471,6 +471,35 @@ def evaluate(model: nn.Module, loader, autocast, processes: Processes = Processe
     return {"test_acc": 100.0 * correct / count, "test_top5": 100.0 * correct5 / count, "test_loss": loss / count}
 
 
+@dataclass
+class TeacherOutputs:
+    """The teacher's pooled features (views, N, d_t) and logits (views, N, C), float32, of every training image
+    in each augmentation view, as the teacher gave them; ``complete``: the views an epoch has filled entirely.
+    ``key`` names what they depend on (:func:`teacher_outputs_key`)."""
+
+    key: str
+    features: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    complete: set[int] = field(default_factory=set)
+
+
+_last_teacher_outputs: TeacherOutputs | None = None  # the last cached run's, for the next run of this process
+
+
+def teacher_outputs_key(config: TrainConfig, teacher_sha256: str | None, loader) -> str:
+    """What a run's cached teacher outputs depend on: its settings but those of the student's training alone,
+    the teacher's weights (their sha256) and the loader's batching (shuffle, crops and flips, chunks)."""
+    student_only = {"name", "out_dir", "student", "student_options", "method", "method_options", "epochs",
+                    "optimizer", "lr", "momentum", "weight_decay", "schedule", "milestones", "gamma",
+                    "warmup_epochs", "label_smoothing", "drop_path", "clip_grad", "ema_decay", "progress",
+                    "test_fraction"}
+    settings = {k: v for k, v in asdict(config).items() if k not in student_only}
+    batching = {"samples": len(loader.labels), "batch_size": loader.batch_size,
+                "chunk_size": getattr(loader, "chunk_size", None), "rank": getattr(loader, "rank", 0),
+                "world": getattr(loader, "world", 1)}
+    return json.dumps({**settings, "teacher_weights": teacher_sha256, **batching}, sort_keys=True, default=str)
+
+
 class TeacherCache:
     """Teacher outputs for ``views`` augmentation draws of every training image, filled on first use.
 
@@ -480,13 +509,25 @@ class TeacherCache:
     takes a loader's chunk (:meth:`vkd.data.TensorLoader.chunks`): on a GPU thousands of images, so
     the teacher filling the cache runs in large batches, not launch-bound at the training batch.  A
     view counts as filled once an epoch over it has ended (``complete``); an epoch replays exactly the
-    chunks of the first pass, so no per-sample bookkeeping (and no device synchronisation) is needed."""
+    chunks of the first pass, so no per-sample bookkeeping (and no device synchronisation) is needed.
 
-    def __init__(self, views: int, num_samples: int, device: torch.device):
+    The epoch that fills a view trains on the teacher's outputs as given; later epochs on their float16
+    rounding.  Runs of one process with the same ``key`` (:func:`teacher_outputs_key`; e.g. a notebook's
+    students of one teacher) share the stored outputs: a run reads a view that an earlier run completed
+    instead of running the teacher over it -- after checking, on the view's first chunk, that the teacher
+    gives exactly the stored values -- and so trains exactly as it would have alone."""
+
+    def __init__(self, views: int, num_samples: int, device: torch.device, key: str = ""):
+        global _last_teacher_outputs
         self.views, self.num_samples, self.device = views, num_samples, device
-        self.features: torch.Tensor | None = None
-        self.logits: torch.Tensor | None = None
-        self.filled: set[int] = set()
+        shared = _last_teacher_outputs
+        if key and shared is not None and shared.key == key:
+            self.store = shared
+        else:
+            self.store = TeacherOutputs(key)
+            _last_teacher_outputs = self.store if key else None
+        self.filled: set[int] = set()  # the views this run has trained an epoch on
+        self.checked: set[int] = set()  # the views another run filled whose first chunk this run has checked
 
     def view(self, epoch: int) -> int:
         return epoch % self.views
@@ -494,28 +535,35 @@ class TeacherCache:
     def complete(self, view: int) -> None:
         """Record that an epoch over ``view`` has ended: its entries are filled from now on."""
         self.filled.add(view)
+        self.store.complete.add(view)
 
     @torch.no_grad()
     def lookup(self, view: int, index: torch.Tensor, distiller: Distiller,
                images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's pooled features (N, d_t) and logits (N, C), float32, for ``images`` (N, 3, H, W), the
         samples ``index`` (N,) in augmentation ``view``: from the cache, or from the teacher (then stored)."""
+        store = self.store
         if view in self.filled:
-            return self.features[view, index].float(), self.logits[view, index].float()
-        pooled, logits = distiller.teacher_outputs(images, pooled=True)
-        if self.features is None:
-            self.features = torch.zeros(self.views, self.num_samples, pooled.shape[1], dtype=torch.float16,
-                                        device=self.device)
-            self.logits = torch.zeros(self.views, self.num_samples, logits.shape[1], dtype=torch.float16,
-                                      device=self.device)
-        self.features[view, index] = pooled.half()
-        self.logits[view, index] = logits.half()
-        return pooled.float(), logits.float()
+            return store.features[view, index].half().float(), store.logits[view, index].half().float()
+        if view in store.complete and view in self.checked:
+            return store.features[view, index], store.logits[view, index]
+        pooled, logits = (output.float() for output in distiller.teacher_outputs(images, pooled=True))
+        if view in store.complete:  # filled by an earlier run: used only if the teacher agrees on this chunk
+            self.checked.add(view)
+            if torch.equal(store.features[view, index], pooled) and torch.equal(store.logits[view, index], logits):
+                return pooled, logits
+            store.complete.discard(view)
+        if store.features is None:
+            store.features = torch.zeros(self.views, self.num_samples, pooled.shape[1], device=self.device)
+            store.logits = torch.zeros(self.views, self.num_samples, logits.shape[1], device=self.device)
+        store.features[view, index] = pooled
+        store.logits[view, index] = logits
+        return pooled, logits
 
     def refill(self, epochs_done: int, loader, distiller: Distiller, prepare: Callable, autocast) -> None:
         """After a resume: fill the views that the first ``epochs_done`` epochs filled, chunk by chunk as they
         did (``prepare`` gives a chunk the training memory format), so that the resumed run reads the stored
-        float16 values where the uninterrupted one would have (the filling epoch itself uses full precision)."""
+        values where the uninterrupted one would have."""
         for view in sorted({self.view(e) for e in range(epochs_done)}):
             loader.set_epoch(view)
             for images, _, index, _ in loader.chunks():
@@ -708,7 +756,8 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         if config.dataset == "imagefolder" or config.mixup or config.cutmix:
             raise ValueError("teacher_cache_views needs augmentations that can be replayed (the CIFAR tensor "
                              "loader, without mixup / cutmix); set it to 0")
-        cache = TeacherCache(config.teacher_cache_views, len(train_loader.labels), device)
+        cache = TeacherCache(config.teacher_cache_views, len(train_loader.labels), device,
+                             teacher_outputs_key(config, teacher_digest, train_loader))
     mixup = None
     if config.mixup or config.cutmix:
         mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,

@@ -486,7 +486,7 @@ class TeacherOutputs:
 _last_teacher_outputs: TeacherOutputs | None = None  # the last cached run's, for the next run of this process
 
 
-def teacher_outputs_key(config: TrainConfig, teacher_sha256: str | None, loader) -> str:
+def teacher_outputs_key(config: TrainConfig, teacher_sha256: str | None, loader: vdata.TensorLoader) -> str:
     """What a run's cached teacher outputs depend on: its settings but those of the student's training alone,
     the teacher's weights (their sha256) and the loader's batching (shuffle, crops and flips, chunks)."""
     student_only = {"name", "out_dir", "student", "student_options", "method", "method_options", "epochs",
@@ -494,9 +494,8 @@ def teacher_outputs_key(config: TrainConfig, teacher_sha256: str | None, loader)
                     "warmup_epochs", "label_smoothing", "drop_path", "clip_grad", "ema_decay", "progress",
                     "test_fraction"}
     settings = {k: v for k, v in asdict(config).items() if k not in student_only}
-    batching = {"samples": len(loader.labels), "batch_size": loader.batch_size,
-                "chunk_size": getattr(loader, "chunk_size", None), "rank": getattr(loader, "rank", 0),
-                "world": getattr(loader, "world", 1)}
+    batching = {"samples": len(loader.labels), "batch_size": loader.batch_size, "chunk_size": loader.chunk_size,
+                "rank": loader.rank, "world": loader.world}
     return json.dumps({**settings, "teacher_weights": teacher_sha256, **batching}, sort_keys=True, default=str)
 
 
@@ -517,15 +516,12 @@ class TeacherCache:
     instead of running the teacher over it -- after checking, on the view's first chunk, that the teacher
     gives exactly the stored values -- and so trains exactly as it would have alone."""
 
-    def __init__(self, views: int, num_samples: int, device: torch.device, key: str = ""):
+    def __init__(self, views: int, num_samples: int, device: torch.device, key: str):
         global _last_teacher_outputs
         self.views, self.num_samples, self.device = views, num_samples, device
-        shared = _last_teacher_outputs
-        if key and shared is not None and shared.key == key:
-            self.store = shared
-        else:
-            self.store = TeacherOutputs(key)
-            _last_teacher_outputs = self.store if key else None
+        if _last_teacher_outputs is None or _last_teacher_outputs.key != key:
+            _last_teacher_outputs = TeacherOutputs(key)
+        self.store = _last_teacher_outputs
         self.filled: set[int] = set()  # the views this run has trained an epoch on
         self.checked: set[int] = set()  # the views another run filled whose first chunk this run has checked
 

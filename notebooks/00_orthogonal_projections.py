@@ -46,6 +46,7 @@ import torch
 
 import vkd
 from vkd.bench import bench_projectors
+from vkd.engine import device_description, git_revision
 from vkd.paths import output_dir
 
 torch.manual_seed(seed)
@@ -96,9 +97,8 @@ for d_t in teacher_dims:
     chosen = [m for m in methods if m in ("stiefel", "cayley") or d_t <= max_exp_dim]
     frames.append(bench_projectors(student_dims, [d_t], chosen, batch=batch, reps=reps, seed=seed))
 cost = pd.concat(frames, ignore_index=True)
-cost["device"] = "cpu"
-cost["threads"] = torch.get_num_threads()
-cost["profile"] = profile
+cost = cost.assign(device=device_description(torch.device("cpu")), threads=torch.get_num_threads(), seed=seed,
+                   profile=profile, git=git_revision())
 cost.to_csv(out / "00_projector_cost.csv", index=False)
 cost.pivot_table(index=["student_dim", "teacher_dim"], columns="method", values="ratio_to_linear").round(2)
 

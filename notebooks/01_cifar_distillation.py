@@ -66,7 +66,14 @@ from vkd.distillers import check_methods
 from vkd.engine import TrainConfig, train_many, train_teacher
 from vkd.models import check_model_names
 from vkd.paths import output_dir, resolve
-from vkd.results import committed_teacher_row, distinct_seeds, over_seeds, render_table, with_paper_numbers
+from vkd.results import (
+    committed_teacher_row,
+    distinct_seeds,
+    over_seeds,
+    render_table,
+    run_record,
+    with_paper_numbers,
+)
 
 seeds = distinct_seeds(seeds)
 check_methods(methods, method_options)  # here, not after the teacher has trained
@@ -107,10 +114,8 @@ for (method, seed), s in summaries.items():
 def row(method: str, s: dict) -> dict:
     return {"method": method, "teacher": teacher, "student": s["student"], "dataset": s["dataset"],
             "options": " ".join(f"{k}={v}" for k, v in s["config"]["method_options"].items()),
-            "fraction": s["fraction"], "epochs": s["epochs"], "batch": s["config"]["batch_size"], "seed": s["seed"],
-            "best_top1": round(s["best_acc"], 2),
-            "last_top1": round(s["last_acc"], 2), "wall_s": round(s["wall_seconds"]), "device": s["device"],
-            "profile": profile, "git": s["git_revision"]}
+            "fraction": s["fraction"], "epochs": s["epochs"], "batch": s["config"]["batch_size"],
+            "best_top1": round(s["best_acc"], 2), "last_top1": round(s["last_acc"], 2), **run_record(s, profile)}
 
 rows = [row(method, s) for (method, _), s in summaries.items()]
 if teacher_summary is not None:

@@ -56,6 +56,7 @@ import torch
 from vkd import analysis
 from vkd.engine import TrainConfig, train, train_teacher
 from vkd.paths import output_dir
+from vkd.results import run_record
 
 figures = output_dir(figures_dir)
 tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
@@ -102,8 +103,8 @@ for norm in norms:
                  "effective_rank_end": round(analysis.effective_rank(last), 1),
                  f"below_{threshold:g}_of_max_end": int((last < threshold * last.max()).sum()),
                  "min_over_max_end": float(last.min() / last.max()), "best_top1": round(summaries[norm]["best_acc"], 2),
-                 "epochs": epochs, "weight_decay": weight_decay, "fraction": fraction, "seed": seed,
-                 "device": summaries[norm]["device"], "profile": profile})
+                 "epochs": epochs, "weight_decay": weight_decay, "fraction": fraction,
+                 **run_record(summaries[norm], profile)})
 table = pd.DataFrame(rows)
 table.to_csv(figures / "02_projector_spectra.csv", index=False)
 table

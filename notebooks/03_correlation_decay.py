@@ -69,7 +69,7 @@ import torch
 from vkd import analysis, data
 from vkd.engine import TrainConfig, load_distiller, train, train_teacher
 from vkd.paths import output_dir
-from vkd.results import distinct_seeds, over_seeds
+from vkd.results import distinct_seeds, over_seeds, run_record
 
 seeds = distinct_seeds(seeds)
 figures = output_dir(figures_dir)
@@ -138,9 +138,8 @@ table = pd.DataFrame({
     "start_cka": [first.loc[run, "cka"] for run in summaries],
     "end_cka": [final.loc[run, "cka"] for run in summaries],
     "best_top1": [s["best_acc"] for s in summaries.values()], "last_top1": [s["last_acc"] for s in summaries.values()],
-    "epochs": epochs, "fraction": fraction, "seed": [seed for _, seed in summaries],
-    "device": next(iter(summaries.values()))["device"], "profile": profile,
-    "wall_s": [round(s["wall_seconds"]) for s in summaries.values()]}).round(4)
+    "epochs": epochs, "fraction": fraction}).round(4)
+table = table.join(pd.DataFrame([run_record(s, profile) for s in summaries.values()]))
 table.insert(table.columns.get_loc("last_top1") + 1, "rank",  # among the projectors of its seed, by last top-1
              table.groupby("seed").last_top1.rank(ascending=False, method="min").astype(int))
 table.to_csv(figures / "03_projector_ablation.csv", index=False)
@@ -169,8 +168,8 @@ geometry = pd.DataFrame({
     "knn_student": [analysis.knn_accuracy(inputs, probe_labels, knn) for inputs, _ in spaces.values()],
     "knn_projected": [analysis.knn_accuracy(outputs, probe_labels, knn) for _, outputs in spaces.values()],
     "knn_teacher": analysis.knn_accuracy(teacher_features, probe_labels, knn), "k": knn,
-    "probe_images": len(probe_labels), "epochs": epochs, "fraction": fraction, "seed": seeds[0],
-    "device": next(iter(summaries.values()))["device"], "profile": profile})
+    "probe_images": len(probe_labels), "epochs": epochs, "fraction": fraction})
+geometry = geometry.join(pd.DataFrame([run_record(summaries[spec, seeds[0]], profile) for spec in spaces]))
 geometry = geometry.round({"knn_student": 2, "knn_projected": 2, "knn_teacher": 2})
 geometry.to_csv(figures / "03_feature_geometry.csv", index=False)
 

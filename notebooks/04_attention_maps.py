@@ -63,7 +63,7 @@ from vkd import analysis, data
 from vkd.distillers import check_methods
 from vkd.engine import TrainConfig, load_weights, train, train_teacher
 from vkd.paths import output_dir
-from vkd.results import distinct_seeds, over_seeds
+from vkd.results import distinct_seeds, over_seeds, run_record
 
 seeds = distinct_seeds(seeds)
 check_methods(methods)
@@ -180,7 +180,7 @@ for seed in seeds:
         summary = summaries.get((name, seed))
         rows.append({"model": name, "mu_T_mean": mu.mean().item(), "mu_T_std": mu.std().item(), "images": len(mu),
                      "best_top1": summary["best_acc"] if summary else None, "epochs": epochs, "fraction": fraction,
-                     "seed": seed, "profile": profile, "wall_s": round(summary["wall_seconds"]) if summary else None})
+                     **(run_record(summary, profile) if summary else {"seed": seed, "profile": profile})})
 table = pd.DataFrame(rows).round(4)
 table.to_csv(figures / "04_equivariance.csv", index=False)
 # over seeds: each run's mean µ_T and accuracy, mean ± std across seeds

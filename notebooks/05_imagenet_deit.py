@@ -76,7 +76,7 @@ import seaborn as sns
 from vkd import data as vdata
 from vkd.engine import TrainConfig, launch_torchrun
 from vkd.paths import output_dir, resolve
-from vkd.results import render_table, with_paper_numbers
+from vkd.results import render_table, run_record, with_paper_numbers
 
 figures = output_dir(figures_dir)
 if data == "cifar10-jpeg":
@@ -122,11 +122,10 @@ for method in methods:
 rows = [{"method": m, "teacher": teacher.split(".")[0], "student": student, "data": data,
          "fraction": s["fraction"], "epochs": s["epochs"], "processes": s["processes"],
          "best_top1": round(s["best_acc"], 2), "last_top1": round(s["last_acc"], 2),
-         "last_top5": round(s["last_top5"], 2), "wall_s": round(s["wall_seconds"]), "device": s["device"],
-         "seed": s["seed"], "profile": profile} for m, s in summaries.items()]
+         "last_top5": round(s["last_top5"], 2), **run_record(s, profile)} for m, s in summaries.items()]
 results = with_paper_numbers(pd.DataFrame(rows))
 results.to_csv(figures / "05_imagenet_deit.csv", index=False)
-render_table(results.drop(columns=["seed", "profile", "device"]), figures / "05_imagenet_deit.png",
+render_table(results.drop(columns=["seed", "profile", "device", "git"]), figures / "05_imagenet_deit.png",
              f"{student} from {teacher}, data {data}, profile {profile}, {results.device.iloc[0]}")
 results
 

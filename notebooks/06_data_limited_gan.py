@@ -63,7 +63,7 @@ from PIL import Image
 from vkd.engine import train_many
 from vkd.gan import GANConfig
 from vkd.paths import output_dir
-from vkd.results import paper_fid, render_table
+from vkd.results import paper_fid, render_table, run_record
 
 figures = output_dir(figures_dir)
 common = dict(out_dir=runs_dir, dataset=dataset, download=download, teacher=teacher,
@@ -109,7 +109,7 @@ rows = [{"method": spec, "fraction": fraction, "best_fid": round(s["best_fid"], 
          "spread_ratio": round(spread_ratio[spec, fraction], 3),
          "kd_weight": s["config"]["kd_weight"] if s["teacher"] else None, "teacher": s["teacher"],
          "channels": s["config"]["channels"], "iterations": s["iterations"], "fid_samples": s["fid_samples"],
-         "seed": s["seed"], "wall_seconds": round(s["wall_seconds"]), "device": s["device"], "profile": profile}
+         **run_record(s, profile)}
         for (spec, fraction), s in summaries.items()]
 table = pd.DataFrame(rows)
 paper = paper_fid()
@@ -117,7 +117,7 @@ paper = paper[paper.dataset == dataset.removesuffix("-jpeg")][["method", "fracti
 table = table.merge(paper.rename(columns={"fid": "paper_inception_fid"}), on=["method", "fraction"], how="left")
 table["fid_feature_space"] = feature_space
 table.to_csv(figures / "06_gan_fid.csv", index=False)
-render_table(table.drop(columns=["fid_feature_space", "device", "teacher"]), figures / "06_gan_fid.png",
+render_table(table.drop(columns=["fid_feature_space", "device", "teacher", "git"]), figures / "06_gan_fid.png",
              title=f"FID ({feature_space}); paper: Inception FID")
 table
 

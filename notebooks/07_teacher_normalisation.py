@@ -63,7 +63,7 @@ import torch
 from vkd import analysis, data
 from vkd.engine import TrainConfig, load_distiller, train_many, train_teacher
 from vkd.paths import output_dir
-from vkd.results import distinct_seeds, over_seeds
+from vkd.results import distinct_seeds, over_seeds, run_record
 
 seeds = distinct_seeds(seeds)
 figures = output_dir(figures_dir)
@@ -142,8 +142,7 @@ for norm, seed in runs:
                      "relative_rise_std": float(rises.std()) if len(rises) > 1 else float("nan"),
                      "direction_pairs": len(rises), "radius": radius, "steps": steps,
                      "best_top1": summary["best_acc"], "last_top1": summary["last_acc"],
-                     "epochs": epochs, "fraction": fraction, "seed": seed, "device": summary["device"],
-                     "wall_s": round(summary["wall_seconds"]), "profile": profile})
+                     "epochs": epochs, "fraction": fraction, **run_record(summary, profile)})
 table = pd.DataFrame(rows).round({"loss_at_centre": 4, "relative_rise_mean": 3, "relative_rise_std": 3})
 table.to_csv(figures / "07_teacher_normalisation.csv", index=False)
 # over seeds: each run's rise (its mean over the pairs of directions) and accuracy, mean ± std across seeds

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 
 from vkd import data
@@ -51,6 +52,10 @@ def test_notebook_runs_in_smoke_profile(notebook, tmp_path):
     assert executed.is_file()
     assert any((tmp_path / "figures_dir").glob("*.png")), "the notebook wrote no figure"
     assert any((tmp_path / "figures_dir").glob("*.csv")), "the notebook wrote no table"
+    for table in (tmp_path / "figures_dir").glob("*.csv"):  # a results table (it names its profile), per run
+        columns = set(pd.read_csv(table, nrows=0).columns)
+        if "profile" in columns and "seeds" not in columns:  # "seeds": an aggregate over runs (over_seeds)
+            assert {"seed", "device", "git"} <= columns and columns & {"wall_s", "ms"}, (table.name, columns)
     stderr = ["".join(output["text"])[:300] for cell in nbformat.read(executed, as_version=4).cells
               for output in cell.get("outputs", []) if output.get("name") == "stderr"]
     assert not stderr, f"the executed copy holds warnings or progress bars: {stderr}"

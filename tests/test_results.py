@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from vkd.paths import project_root
-from vkd.results import committed_teacher_row, distinct_seeds, over_seeds
+from vkd.results import committed_teacher_row, distinct_seeds, over_seeds, run_record
 
 
 def test_a_committed_teacher_brings_its_measured_row(tmp_path):
@@ -75,3 +75,15 @@ def test_distinct_seeds_refuses_an_empty_or_repeated_list():
     for seeds in ([], [1, 1]):
         with pytest.raises(ValueError, match=r"one or more distinct seeds, e.g. \[0, 1, 2\]; got"):
             distinct_seeds(seeds)
+
+
+def test_run_record_names_the_run_behind_a_row_and_over_seeds_ignores_its_revision():
+    revisions = {0: "abc1234", 1: "def5678+dirty"}
+    summaries = [{"seed": seed, "wall_seconds": 61.6 + 2 * seed, "device": "cpu (2 threads)", "git_revision": revision,
+                  "best_acc": 50.0 + seed, "last_acc": 49.0} for seed, revision in revisions.items()]
+    rows = [{"method": "vkd", "best_top1": s["best_acc"], "last_top1": s["last_acc"], **run_record(s, "quick")}
+            for s in summaries]
+    assert rows[1] == {"method": "vkd", "best_top1": 51.0, "last_top1": 49.0, "seed": 1, "wall_s": 64,
+                       "device": "cpu (2 threads)", "profile": "quick", "git": "def5678+dirty"}
+    statistics = over_seeds(pd.DataFrame(rows))  # runs of two revisions are still one setting
+    assert len(statistics) == 1 and statistics.seeds.iloc[0] == 2 and statistics.wall_s.iloc[0] == 63

@@ -52,6 +52,14 @@ def committed_teacher_row(checkpoint: str | Path) -> dict | None:
             "device": record.device, "git": record.vkd_revision}
 
 
+def run_record(summary: dict, profile: str) -> dict:
+    """The columns with which a results row names the run behind it, from the run's summary
+    (``vkd.engine.train`` or ``vkd.gan.train_gan``): seed, wall time (s), device, the notebook profile and
+    the git revision of the code that trained it."""
+    return {"seed": summary["seed"], "wall_s": round(summary["wall_seconds"]), "device": summary["device"],
+            "profile": profile, "git": summary["git_revision"]}
+
+
 def distinct_seeds(seeds: list) -> list:
     """``seeds`` as a notebook's ``seeds`` parameter must give it: one or more, none repeated."""
     if not seeds or len(set(seeds)) != len(seeds):

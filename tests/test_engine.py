@@ -524,6 +524,23 @@ def test_bench_train_times_each_setup_and_the_captured_steps():
         bench_train("resnet8", "resnet8", batch=4, steps=1, compile="reduce-overhead", cuda_graph=True)
 
 
+def test_bench_train_times_the_captured_steps_replays_not_their_capture(monkeypatch):
+    from vkd import bench
+
+    captures, timing = [], bench.time_interleaved
+    record = engine._record_eagerly
+    monkeypatch.setattr(engine, "_record_eagerly", lambda step, warmup: captures.append(warmup) or record(step, warmup))
+
+    def timed_after_the_captures(steps, **options):
+        assert len(captures) == 2, "the captured steps are timed from their first call, the capture"
+        seconds = timing(steps, **options)
+        assert len(captures) == 2, "a timed call captured again"
+        return seconds
+
+    monkeypatch.setattr(bench, "time_interleaved", timed_after_the_captures)
+    bench.bench_train("resnet8", "resnet8", batch=4, steps=2, cuda_graph=True)
+
+
 def test_the_captured_step_check_finds_no_difference_on_the_cpu_and_catches_an_undone_warm_up(monkeypatch, capsys):
     from vkd.bench import captured_step_difference
 

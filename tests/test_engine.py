@@ -409,6 +409,9 @@ def test_a_config_with_an_unknown_model_method_or_option_is_refused_when_made(se
     ("gan", {"norm": "whitening"}, "unknown normalisation 'whitening'"),
     ("gan", {"distance": "l1"}, "unknown distance 'l1'"),
     ("gan", {"fid_features": "resnet20"}, "fid_features must be 'inception', 'teacher' or 'ARCH:CHECKPOINT'"),
+    ("train", {"epochs": "ten"}, "TrainConfig: epochs expects int, got 'ten' (str)"),
+    ("train", {"amp": 1, "teacher": 3}, "teacher expects str | None, got 3 (int); amp expects bool, got 1 (int)"),
+    ("gan", {"iterations": 1.5}, "GANConfig: iterations expects int, got 1.5 (float)"),
 ])
 def test_a_config_that_cannot_train_is_refused_when_made(command, settings, message, capsys):
     """Before any data is read: `python -m vkd train` (`gan`) answers with the reason, not a traceback from the run."""

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,6 +41,7 @@ from . import data as vdata
 from .distillers import Distiller, MethodConfig
 from .models import check_model_names
 from .paths import portable, progress_default, project_root, resolve, save_atomic, save_json_atomic, write_atomic
+from .settings import fits
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -55,6 +56,14 @@ class RunConfig:
     NOT_SHAPING = ("name", "out_dir", "progress")  # fields that do not change the result
     PATHS: ClassVar[tuple[str, ...]] = ()  # fields naming a file or folder: compared as :func:`portable` paths
     COMMAND: ClassVar[str]  # the ``python -m vkd`` command that trains one run of this kind
+
+    def __post_init__(self):
+        """Refuse a setting whose value is not of its field's declared type (a string where a number belongs)."""
+        wrong = [f"{setting.name} expects {setting.type}, got {getattr(self, setting.name)!r} "
+                 f"({type(getattr(self, setting.name)).__name__})"
+                 for setting in fields(self) if not fits(setting.type, getattr(self, setting.name))]
+        if wrong:
+            raise ValueError(f"{type(self).__name__}: {'; '.join(wrong)}")
 
     def run(self, stop_after: int | None = None) -> dict:
         """Train this run (resuming or reusing it) and return its summary; ``stop_after`` ends it after that
@@ -177,7 +186,8 @@ class TrainConfig(RunConfig):
     def __post_init__(self):
         """Refuse, when the config is made rather than when it trains: unknown models, methods and method
         options; a method that distils without a teacher, a teacher without weights; an unknown compile mode
-        and settings a captured step cannot run with."""
+        and settings a captured step cannot run with; a setting of the wrong type."""
+        super().__post_init__()
         check_model_names(self.student, self.teacher)
         if MethodConfig.for_method(self.method, **self.method_options).distils and self.teacher is None:
             raise ValueError(f"method {self.method!r} distils from a teacher: set teacher (a timm model name)")

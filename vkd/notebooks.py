@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 
 from .extras import optional_import
 from .paths import PROGRESS_ENV, project_root
+from .settings import fits
 
 PROFILES = ("smoke", "quick", "full")
 
@@ -73,9 +73,6 @@ def inspect_parameters(name: str | Path) -> dict[str, Any]:
         return papermill.inspect_notebook(str(source))
 
 
-PARAMETER_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list": list, "dict": dict}
-
-
 def _declared_types(cell: str) -> dict[str, str]:
     """Each ``name: type = value`` of a parameters cell as name -> its annotation as written ("int", or
     "Union[bool, str]": papermill's own parser does not read "bool | str"); a plain ``name = value`` -> ""."""
@@ -86,22 +83,6 @@ def _declared_types(cell: str) -> dict[str, str]:
         elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             declared[node.targets[0].id] = ""
     return declared
-
-
-def _accepts(annotation: str, value: Any) -> bool:
-    """Whether ``value`` (read from YAML) is of the declared type (any, when none is declared); an int passes for
-    a float, a bool for no number."""
-    if not annotation:
-        return True
-    names = [name for name in re.findall(r"\w+", annotation) if name != "Union"]
-    unknown = sorted(set(names) - set(PARAMETER_TYPES))
-    if unknown:
-        raise NotebookError(f"parameter type {annotation!r} names {unknown}; "
-                            f"the runners check {sorted(PARAMETER_TYPES)}")
-    if isinstance(value, bool):
-        return "bool" in names
-    return any(isinstance(value, PARAMETER_TYPES[name]) for name in names) or (
-        isinstance(value, int) and "float" in names)
 
 
 def declared_parameters(name: str | Path) -> dict[str, str]:
@@ -126,7 +107,7 @@ def checked_parameters(path: Path, profile: str, parameters: dict[str, Any] | No
         raise NotebookError(f"{path.name} declares no parameter {', '.join(map(repr, unknown))}; "
                             f"its parameters are: {', '.join(sorted(declared))}")
     wrong = [f"{key} expects {declared[key]}, got {value!r} ({type(value).__name__})"
-             for key, value in values.items() if not _accepts(declared[key], value)]
+             for key, value in values.items() if not fits(declared[key], value)]
     if wrong:
         raise NotebookError(f"{path.name}: {'; '.join(wrong)} (values are read as YAML: 1.0e-3 is a float, "
                             "1e-3 a string)")

@@ -1,0 +1,26 @@
+"""Settings as they are read from YAML or JSON -- a notebook's parameters, a run configuration's fields --
+checked against the type their declaration names, so a wrong value is refused before anything runs."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+DECLARED_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list": list, "tuple": (tuple, list),
+                  "dict": dict, "None": type(None)}
+
+
+def fits(annotation: str, value: Any) -> bool:
+    """Whether ``value`` is of the type ``annotation`` names as written ("int", "str | None", "Union[bool, str]";
+    any type when it is empty): an int passes for a float, a bool for no number, a list for a tuple (YAML and
+    JSON have no tuples)."""
+    if not annotation:
+        return True
+    names = [name for name in re.findall(r"\w+", annotation) if name != "Union"]
+    unknown = sorted(set(names) - set(DECLARED_TYPES))
+    if unknown:
+        raise ValueError(f"type {annotation!r} names {unknown}; the checked types are {sorted(DECLARED_TYPES)}")
+    if isinstance(value, bool):
+        return "bool" in names
+    return any(isinstance(value, DECLARED_TYPES[name]) for name in names) or (
+        isinstance(value, int) and "float" in names)

@@ -58,12 +58,20 @@ class RunConfig:
     COMMAND: ClassVar[str]  # the ``python -m vkd`` command that trains one run of this kind
 
     def __post_init__(self):
-        """Refuse a setting whose value is not of its field's declared type (a string where a number belongs)."""
+        """Refuse a setting whose value is not of its field's declared type (a string where a number belongs),
+        then one outside its :meth:`limits` (a fraction of 1.5, a batch of 0), naming each."""
         wrong = [f"{setting.name} expects {setting.type}, got {getattr(self, setting.name)!r} "
                  f"({type(getattr(self, setting.name)).__name__})"
                  for setting in fields(self) if not fits(setting.type, getattr(self, setting.name))]
+        if not wrong:
+            wrong = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, holds, rule in self.limits()
+                     if not holds]
         if wrong:
             raise ValueError(f"{type(self).__name__}: {'; '.join(wrong)}")
+
+    def limits(self) -> list[tuple[str, bool, str]]:
+        """``(setting, whether its value is allowed, what it must be)`` for the settings with a range or a choice."""
+        return []
 
     def run(self, stop_after: int | None = None) -> dict:
         """Train this run (resuming or reusing it) and return its summary; ``stop_after`` ends it after that
@@ -199,8 +207,23 @@ class TrainConfig(RunConfig):
         if self.cuda_graph:
             check_cuda_graph(self.compile, self.optimizer)
 
+    def limits(self) -> list[tuple[str, bool, str]]:
+        datasets = (*vdata.DATASETS, "imagefolder")
+        return [("dataset", self.dataset in datasets, f"one of {datasets}"),
+                ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
+                ("test_fraction", 0 < self.test_fraction <= 1, "in (0, 1]"),
+                ("epochs", self.epochs >= 1, "at least 1"),
+                ("batch_size", self.batch_size >= 1, "at least 1"),
+                ("lr", self.lr > 0, "positive"),
+                ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+                ("warmup_epochs", self.warmup_epochs >= 0, "at least 0"),
+                ("teacher_cache_views", self.teacher_cache_views >= 0, "at least 0 (0: no cache)")]
+
     def run(self, stop_after: int | None = None) -> dict:
         return train(self, stop_after_epoch=stop_after)
+
+
+SCHEDULES = ("multistep", "cosine")
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -710,10 +733,8 @@ def _scheduler(config: TrainConfig, optimizer):
         milestones = [max(1, round(f * config.epochs)) for f in config.milestones]
         return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=config.gamma,
                                     warmup_t=config.warmup_epochs, warmup_lr_init=config.lr * 0.01)
-    if config.schedule == "cosine":
-        return CosineLRScheduler(optimizer, t_initial=config.epochs, lr_min=config.lr * 1e-2,
-                                 warmup_t=config.warmup_epochs, warmup_lr_init=config.lr * 0.01)
-    raise ValueError(f"unknown schedule {config.schedule!r}; expected 'multistep' or 'cosine'")
+    return CosineLRScheduler(optimizer, t_initial=config.epochs, lr_min=config.lr * 1e-2,
+                             warmup_t=config.warmup_epochs, warmup_lr_init=config.lr * 0.01)
 
 
 Probe = Callable[[Distiller], dict]

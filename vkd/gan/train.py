@@ -110,6 +110,13 @@ class GANConfig(RunConfig):
         if self.iterations % self.eval_every:
             raise ValueError(f"iterations ({self.iterations}) must be a multiple of eval_every ({self.eval_every})")
 
+    def limits(self) -> list[tuple[str, bool, str]]:
+        return [("dataset", self.dataset in vdata.DATASETS, f"one of {vdata.DATASETS}"),
+                ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
+                *((name, getattr(self, name) >= 1, "at least 1")
+                  for name in ("channels", "iterations", "batch_size", "d_steps", "eval_every")),
+                ("fid_samples", self.fid_samples >= 2, "at least 2 (a covariance)")]
+
     def run(self, stop_after: int | None = None) -> dict:
         return train_gan(self, stop_after_iteration=stop_after)
 

@@ -427,6 +427,25 @@ def test_a_config_that_cannot_train_is_refused_when_made(command, settings, mess
     assert message in capsys.readouterr().err
 
 
+def test_a_device_this_machine_lacks_is_refused_with_the_reason(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(engine.DeviceNotFoundError, match=re.escape("device 'cuda': torch sees no GPU on this machine")):
+        engine.resolve_device("cuda")
+    assert engine.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(engine.DeviceNotFoundError, match=re.escape("expected auto, cpu, cuda or cuda:N, got 'gpu0'")):
+        engine.resolve_device("gpu0")
+    runs = ["-s", "out_dir", str(tmp_path), "-s", "device", "cuda"]
+    for command in (["train", *runs], ["gan", *runs], ["bench", "projectors", "--device", "cuda"]):
+        assert main(command) == 2
+        assert "error: device 'cuda': torch sees no GPU on this machine" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before a run folder is made
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert engine.resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(engine.DeviceNotFoundError, match=re.escape("this machine has 1 GPU(s), cuda:0 to cuda:0")):
+        engine.resolve_device("cuda:1")
+
+
 def test_runs_in_parallel_processes_match_runs_in_this_process(data_root, tmp_path):
     configs = [config(data_root, tmp_path, name=f"p{seed}", seed=seed, epochs=2) for seed in (0, 1)]
     parallel = train_many(configs, processes=2)

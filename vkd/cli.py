@@ -149,10 +149,11 @@ def _command(args) -> int:
         if args.named:
             config = config.named(args.named)
         from .data import DataNotFoundError
+        from .engine import DeviceNotFoundError
 
         try:
             summary = config.run(stop_after=args.stop_after)
-        except (DataNotFoundError, FileNotFoundError) as error:  # the data or a weights file is not where it says
+        except (DataNotFoundError, FileNotFoundError, DeviceNotFoundError) as error:  # not where the config says
             return _refused(error)
         import torch.distributed as dist
 
@@ -183,7 +184,7 @@ def _command(args) -> int:
         return 0
     try:  # bench
         _bench(args)
-    except ValueError as error:  # an unknown model, method or option
+    except ValueError as error:  # an unknown model, method, option or device
         return _refused(error)
     return 0
 

@@ -238,11 +238,29 @@ def compile_options(setting: bool | str) -> dict:
     raise ValueError(f"compile: expected true, false or one of {COMPILE_MODES}, got {setting!r}")
 
 
+class DeviceNotFoundError(ValueError):
+    """The device a run or benchmark names is not on this machine (or is no device name); the message says why."""
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` (a GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    """``auto`` (a GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; a GPU this machine does
+    not have raises :class:`DeviceNotFoundError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceNotFoundError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceNotFoundError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceNotFoundError(f"device {name!r}: torch sees no GPU on this machine (torch {torch.__version__}, "
+                                      f"CUDA {torch.version.cuda or 'none'}); use device 'cpu' or 'auto'")
+        if (device.index or 0) >= count:
+            raise DeviceNotFoundError(f"device {name!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:

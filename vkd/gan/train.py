@@ -283,10 +283,10 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     summary = finished_summary(config)
     if summary is not None:
         return summary if "spread_ratio" in summary else _add_spread(config, summary)
+    device = resolve_device(config.device)
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     revision = git_revision()  # the code that runs, whatever the checkout becomes meanwhile
-    device = resolve_device(config.device)
     seed_everything(config.seed)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
 

@@ -116,6 +116,9 @@ def test_logit_losses_reject_mismatched_logits():
         vkd.KDLoss()(torch.randn(4, 10), torch.randn(4, 100))
     with pytest.raises(ValueError, match=r"targets of shape \(4,\)"):
         vkd.DKDLoss()(torch.randn(4, 10), torch.randn(4, 10), torch.zeros(3, dtype=torch.long))
+    for make in (lambda: vkd.KDLoss(0), lambda: vkd.DKDLoss(temperature=-1)):  # would give NaN or a wrong sign
+        with pytest.raises(ValueError, match="the softmax temperature must be positive"):
+            make()
 
 
 def test_srd_ablation_options():

@@ -127,6 +127,8 @@ def test_bad_shapes_raise_clear_errors():
         vkd.OrthogonalProjector(4, 8)(torch.randn(3, 5))
     with pytest.raises(ValueError, match="unknown projector"):
         vkd.build_projector("conv", 4, 8)
+    with pytest.raises(ValueError, match="widths of at least 1, got in_dim=0, out_dim=8"):
+        vkd.VkDLoss(0, 8)
 
 
 def test_other_projectors_shapes():

@@ -179,7 +179,7 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0):
         super().__init__()
-        self.temperature = temperature
+        self.temperature = _checked_temperature(self, temperature)
 
     def forward(self, logits_s: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
         _check_logits(logits_s, logits_t)
@@ -198,7 +198,7 @@ class DKDLoss(nn.Module):
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0):
         super().__init__()
-        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.alpha, self.beta, self.temperature = alpha, beta, _checked_temperature(self, temperature)
 
     def forward(self, logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _check_logits(logits_s, logits_t)
@@ -221,6 +221,12 @@ class DKDLoss(nn.Module):
 def _check_batches(s: torch.Tensor, t: torch.Tensor) -> None:
     if s.shape[0] != t.shape[0]:
         raise ValueError(f"student and teacher batch sizes differ: {s.shape[0]} vs {t.shape[0]}")
+
+
+def _checked_temperature(loss: nn.Module, temperature: float) -> float:
+    if not temperature > 0:
+        raise ValueError(f"{type(loss).__name__}: the softmax temperature must be positive, got {temperature}")
+    return temperature
 
 
 def _check_logits(logits_s: torch.Tensor, logits_t: torch.Tensor) -> None:

@@ -230,4 +230,7 @@ def build_projector(kind: str, in_dim: int, out_dim: int, **options) -> nn.Modul
     }
     if kind not in classes:
         raise ValueError(f"unknown projector {kind!r}; expected one of {PROJECTORS}")
+    if not (in_dim >= 1 and out_dim >= 1):
+        raise ValueError(f"a projector maps between feature widths of at least 1, got in_dim={in_dim}, "
+                         f"out_dim={out_dim}")
     return classes[kind](in_dim, out_dim, **options)

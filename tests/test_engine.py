@@ -388,6 +388,9 @@ def test_train_command_reads_a_config_and_refuses_unknown_settings(data_root, tm
     (["teacher", "resnet33x4"], "unknown model 'resnet33x4'"),
     (["method", "vkdx"], "unknown method 'vkdx'; expected one of ('ce', 'kd'"),
     (["method_options", "{vkd_wieght: 2}"], "unknown method option(s) ['vkd_wieght']"),
+    (["method_options", "{vkd_weight: two}"], "method options: vkd_weight expects float, got 'two' (str)"),
+    (["method_options", "{vkd_norm: zca}"], "unknown normalisation 'zca'; expected one of ('none', 'l2'"),
+    (["method_options", "{srd_projector: cnn}"], "unknown projector 'cnn'"),
 ])
 def test_a_config_with_an_unknown_model_method_or_option_is_refused_when_made(setting, message, capsys):
     with pytest.raises(ValueError, match=re.escape(message)):

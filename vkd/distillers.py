@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import DKDLoss, FitNetLoss, KDLoss, SRDLoss, VkDLoss, pool_features
+from .losses import DKDLoss, FitNetLoss, KDLoss, SRDLoss, VkDLoss, get_distance, pool_features
 from .models import distillation_features
-from .projectors import retract_
+from .normalization import get_normalization
+from .projectors import ORTHOGONAL_METHODS, PROJECTORS, retract_
+from .settings import wrong_types
 
 METHODS = ("ce", "kd", "fitnet", "dkd", "srd", "vkd", "srd+dkd")
 
@@ -56,6 +58,22 @@ class MethodConfig:
     vkd_method: str = "stiefel"
     vkd_projector: str = "orthogonal"  # or linear / mlp / ensemble, for VkD's projector ablation
     vkd_hidden: int = 1024  # hidden width of mlp / ensemble projectors
+
+    def __post_init__(self):
+        """Refuse, before anything trains, an option of the wrong type and an unknown normalisation, distance,
+        projector or orthogonal method."""
+        wrong = wrong_types(self)
+        if wrong:
+            raise ValueError(f"method options: {'; '.join(wrong)}")
+        for norm in (self.vkd_norm, self.srd_norm):
+            get_normalization(norm)
+        for distance in (self.vkd_distance, self.srd_distance):
+            get_distance(distance)
+        for projector in (self.vkd_projector, self.srd_projector):
+            if projector not in PROJECTORS:
+                raise ValueError(f"unknown projector {projector!r}; expected one of {PROJECTORS}")
+        if self.vkd_method not in ORTHOGONAL_METHODS:
+            raise ValueError(f"unknown orthogonal method {self.vkd_method!r}; expected one of {ORTHOGONAL_METHODS}")
 
     @classmethod
     def for_method(cls, method: str, **overrides) -> MethodConfig:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,7 +41,7 @@ from . import data as vdata
 from .distillers import Distiller, MethodConfig
 from .models import check_model_names
 from .paths import portable, progress_default, project_root, resolve, save_atomic, save_json_atomic, write_atomic
-from .settings import fits
+from .settings import wrong_types
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -60,9 +60,7 @@ class RunConfig:
     def __post_init__(self):
         """Refuse a setting whose value is not of its field's declared type (a string where a number belongs),
         then one outside its :meth:`limits` (a fraction of 1.5, a batch of 0), naming each."""
-        wrong = [f"{setting.name} expects {setting.type}, got {getattr(self, setting.name)!r} "
-                 f"({type(getattr(self, setting.name)).__name__})"
-                 for setting in fields(self) if not fits(setting.type, getattr(self, setting.name))]
+        wrong = wrong_types(self)
         if not wrong:
             wrong = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, holds, rule in self.limits()
                      if not holds]

@@ -4,6 +4,7 @@ checked against the type their declaration names, so a wrong value is refused be
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from typing import Any
 
 DECLARED_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list": list, "tuple": (tuple, list),
@@ -24,3 +25,10 @@ def fits(annotation: str, value: Any) -> bool:
         return "bool" in names
     return any(isinstance(value, DECLARED_TYPES[name]) for name in names) or (
         isinstance(value, int) and "float" in names)
+
+
+def wrong_types(settings: Any) -> list[str]:
+    """For each field of the dataclass instance ``settings`` whose value does not :func:`fit <fits>` its declared
+    type, ``"<field> expects <type>, got <value> (<its type>)"``."""
+    return [f"{field.name} expects {field.type}, got {value!r} ({type(value).__name__})"
+            for field in fields(settings) if not fits(field.type, value := getattr(settings, field.name))]

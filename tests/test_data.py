@@ -1,4 +1,5 @@
 import multiprocessing
+import tarfile
 
 import numpy as np
 import pytest
@@ -33,6 +34,23 @@ def test_missing_data_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch)
         data.imagefolder(tmp_path / "imagenet", "val")
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         data.image_dataset("mnist", "train", tmp_path)
+
+
+def test_an_archive_that_is_not_cifar10_says_so_and_extracts_nothing(tmp_path, monkeypatch):
+    not_a_tar = tmp_path / "cifar10-jpeg.tar.gz"
+    not_a_tar.write_bytes(b"not an archive")
+    monkeypatch.setenv(data.ARCHIVE_ENV, str(not_a_tar))
+    with pytest.raises(data.DataNotFoundError, match="is not a readable tar archive"):
+        data.image_dataset("cifar10-jpeg", "train", tmp_path / "root")
+    (tmp_path / "other/train/cat").mkdir(parents=True)  # train/ without test/
+    (tmp_path / "other/train/cat/0.jpg").write_bytes(b"")
+    with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "other", "other")
+    monkeypatch.setenv(data.ARCHIVE_ENV, str(tmp_path / "other.tar.gz"))
+    with pytest.raises(data.DataNotFoundError, match="holds no CIFAR-10 in ImageFolder layout: expected a folder with "
+                                                     "train/ and test/"):
+        data.image_dataset("cifar10-jpeg", "train", tmp_path / "root")
+    assert not list((tmp_path / "root").iterdir())  # no half-extracted cifar10/ left behind
 
 
 def test_stratified_fraction():

@@ -65,11 +65,18 @@ def cifar10_jpeg_dir(root: str | Path = "data") -> Path:
             f"{ARCHIVE_ENV}=/path/to/{ARCHIVE_NAME}; or use dataset 'cifar10' with download=True when online."
         )
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp, tarfile.open(archive) as tar:
-        tar.extractall(tmp, filter="data")
-        extracted = next(Path(tmp).rglob("train")).parent
-        if not target.exists():  # another process may have finished first
-            shutil.move(str(extracted), target)
+    try:
+        with tempfile.TemporaryDirectory(dir=root) as tmp, tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+            extracted = next((d.parent for d in Path(tmp).rglob("train") if (d.parent / "test").is_dir()), None)
+            if extracted is None:
+                raise DataNotFoundError(f"{archive} holds no CIFAR-10 in ImageFolder layout: expected a folder with "
+                                        f"train/ and test/, each with one folder of images per class")
+            if not target.exists():  # another process may have finished first
+                shutil.move(str(extracted), target)
+    except tarfile.TarError:
+        raise DataNotFoundError(f"{archive} is not a readable tar archive (truncated, or another kind of file); "
+                                f"expected {ARCHIVE_NAME}, see data/README.md") from None
     return target
 
 

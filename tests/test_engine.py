@@ -290,6 +290,12 @@ def test_train_command_explains_missing_data_and_weights(tmp_path, monkeypatch, 
     distilled = ["-s", "method", "kd", "-s", "teacher", "resnet8", "-s", "teacher_checkpoint", str(missing)]
     assert main([*base, *distilled]) == 2
     assert f"error: no checkpoint at {missing}" in capsys.readouterr().err
+    torch.save({"model": timm.create_model("resnet20", num_classes=2).state_dict(), "arch": "resnet20"}, missing)
+    assert main([*base, *distilled]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {missing}'s weights do not fit the CifarResNet (it holds a "
+                                              f"'resnet20'): ")
+    assert main([*base, *distilled, "-s", "teacher", "resnet20", "-s", "teacher_sha256", "f" * 64]) == 2
+    assert f"error: checksum mismatch for {missing}: expected sha256 {'f' * 64}" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a checkpoint loaded onto a GPU")

@@ -149,12 +149,12 @@ def _command(args) -> int:
         if args.named:
             config = config.named(args.named)
         from .data import DataNotFoundError
-        from .engine import DeviceNotFoundError
+        from .engine import CheckpointMismatchError, DeviceNotFoundError
 
         try:
             summary = config.run(stop_after=args.stop_after)
-        except (DataNotFoundError, FileNotFoundError, DeviceNotFoundError) as error:  # not where the config says
-            return _refused(error)
+        except (DataNotFoundError, FileNotFoundError, DeviceNotFoundError, CheckpointMismatchError) as error:
+            return _refused(error)  # not what or where the config says
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_rank() == 0:

@@ -314,6 +314,10 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+class CheckpointMismatchError(ValueError):
+    """A weights file is not the one expected: another checksum, or weights that do not fit the model."""
+
+
 def checked_file(path: str | Path, expected_sha256: str | None = None,
                  missing_hint: str = "train the teacher first (notebook 01) or give its path",
                  what: str = "checkpoint") -> tuple[Path, str]:
@@ -324,7 +328,7 @@ def checked_file(path: str | Path, expected_sha256: str | None = None,
         raise FileNotFoundError(f"no {what} at {path}: {missing_hint}")
     digest = sha256(path)
     if expected_sha256 and digest != expected_sha256:
-        raise ValueError(f"checksum mismatch for {path}: expected sha256 {expected_sha256}, got {digest}")
+        raise CheckpointMismatchError(f"checksum mismatch for {path}: expected sha256 {expected_sha256}, got {digest}")
     return path, digest
 
 
@@ -334,13 +338,16 @@ def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> tup
     return torch.load(path, map_location="cpu", weights_only=False), digest
 
 
-def load_state(model: nn.Module, contents, strict: bool = True) -> list[str]:
+def load_state(model: nn.Module, contents, strict: bool = True, source: str = "the checkpoint") -> list[str]:
     """Load checkpoint ``contents`` into ``model``; returns the keys the model does not have (sorted).
 
     Accepts vkd's ``model.pt`` / ``checkpoint.pt``, mdistiller's ``{"model": state_dict}`` teacher
     checkpoints, DeiT-style releases and plain state dicts; half-precision weights are cast to the
     model's dtype.  ``strict=False``: keys the model does not have are ignored (and returned); every
-    weight of the model must still be in the file."""
+    weight of the model must still be in the file.  Weights that do not fit raise
+    :class:`CheckpointMismatchError` naming ``source`` and the architecture the file records, if any."""
+    recorded = contents.get("arch") if isinstance(contents, dict) else None
+    holds = f" (it holds a {recorded!r})" if isinstance(recorded, str) else ""
     state = contents
     for key in ("model", "student", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
@@ -350,11 +357,18 @@ def load_state(model: nn.Module, contents, strict: bool = True) -> list[str]:
     reference = model.state_dict()
     state = {k: v.to(reference[k].dtype) if k in reference and v.is_floating_point() else v for k, v in state.items()}
     if strict:
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:  # torch lists every key and shape that differs
+            details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+            more = f" (and {len(details) - 1} more such lines)" if len(details) > 1 else ""
+            raise CheckpointMismatchError(f"{source}'s weights do not fit the {type(model).__name__}{holds}: "
+                                          f"{details[0][:300] if details else error}{more}") from None
         return []
     missing = sorted(set(reference) - set(state))
     if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} of the model's weights, e.g. {missing[:5]}")
+        raise CheckpointMismatchError(f"{source} lacks {len(missing)} of the model's weights{holds}, "
+                                      f"e.g. {missing[:5]}")
     model.load_state_dict({k: v for k, v in state.items() if k in reference})
     return sorted(set(state) - set(reference))
 
@@ -362,7 +376,7 @@ def load_state(model: nn.Module, contents, strict: bool = True) -> list[str]:
 def load_weights(model: nn.Module, path: str | Path, expected_sha256: str | None = None, strict: bool = True) -> str:
     """Load the checkpoint file ``path`` into ``model`` (see :func:`load_state`); returns its sha256."""
     contents, digest = read_checkpoint(path, expected_sha256)
-    load_state(model, contents, strict)
+    load_state(model, contents, strict, source=str(resolve(path)))
     return digest
 
 

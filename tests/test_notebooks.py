@@ -19,6 +19,7 @@ from vkd.notebooks import (
     inspect_parameters,
     list_notebooks,
     notebook_dir,
+    prepared_run,
     run_as_script,
     run_notebook,
 )
@@ -103,6 +104,29 @@ def test_unknown_parameter_is_refused_with_the_declared_names(tmp_path):
     assert "declares no parameter 'bogus_name'" in result.stderr
     assert "its parameters are: batch, figures_dir" in result.stderr
     assert not list(tmp_path.glob("*.ipynb"))  # refused before running
+
+
+def test_the_full_profile_is_refused_where_it_would_train_on_the_cpu_by_default(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for notebook in list_notebooks():
+        declares_device = "device" in declared_parameters(notebook)
+        if declares_device:
+            with pytest.raises(NotebookError, match=re.escape(f"{notebook.name}: the full profile runs the papers' "
+                                                              "schedules, meant for a GPU, and torch sees none here")):
+                prepared_run(notebook, "full")
+            assert prepared_run(notebook, "full", {"device": "cpu"})[1]["device"] == "cpu"  # insisting
+        else:  # 00 times projectors on the CPU
+            prepared_run(notebook, "full")
+        prepared_run(notebook, "quick")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert prepared_run("01", "full")[0].name == "01_cifar_distillation.py"
+    result = subprocess.run([sys.executable, "-m", "vkd", "reproduce", "--profile", "full", "--output-dir",
+                             str(tmp_path)], capture_output=True, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # no GPU, wherever the tests run
+    assert result.returncode == 1 and "01_cifar_distillation.py: the full profile" in result.stderr
+    assert not list(tmp_path.iterdir())  # refused before notebook 00 ran
 
 
 @pytest.mark.parametrize("name, value, message", [

@@ -122,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
 def _command(args) -> int:
     """Carry out the parsed command; its exit status."""
     if args.command in ("run", "reproduce"):
-        from .notebooks import NotebookError, list_notebooks, run_as_script, run_notebook
+        from .notebooks import NotebookError, list_notebooks, prepared_run, run_as_script, run_notebook
 
         names = [args.notebook] if args.command == "run" else list_notebooks()
         try:
+            for name in names:  # every notebook's parameters are checked before the first one runs
+                prepared_run(name, args.profile, _parse_overrides(args.parameter), args.params_file)
             for name in names:
                 if args.as_script:
                     run_as_script(name, args.profile, _parse_overrides(args.parameter), args.params_file)

@@ -125,6 +125,23 @@ def _kernel_options() -> dict[str, Any]:
     return {"config": Config({"KernelManager": {"transport_encryption": "auto"}})}
 
 
+def prepared_run(name: str | Path, profile: str, parameters: dict[str, Any] | None = None,
+                 params_file: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """The notebook's path and the values a run of it gets (:func:`checked_parameters`), refused as both runners
+    refuse them -- and the ``full`` profile, the papers' GPU schedules, where torch sees no GPU and the notebook's
+    ``device`` is left at ``auto``: it would train on the CPU for days.  ``-p device cpu`` insists."""
+    path = find_notebook(name)
+    values = checked_parameters(path, profile, parameters, params_file)
+    if profile == "full" and "device" in declared_parameters(path) and values.get("device", "auto") == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise NotebookError(f"{path.name}: the full profile runs the papers' schedules, meant for a GPU, and torch "
+                                "sees none here: on the CPU it would take days. Use the quick profile, or pass "
+                                "-p device cpu to run it on the CPU anyway")
+    return path, values
+
+
 def run_notebook(
     name: str | Path,
     profile: str = "smoke",
@@ -138,8 +155,7 @@ def run_notebook(
     Parameter names the notebook does not declare are refused; a failing cell raises NotebookError
     naming the cell, the exception and the executed copy, which holds the full traceback."""
     jupytext, papermill = (optional_import(m, "notebooks") for m in ("jupytext", "papermill"))
-    path = find_notebook(name)
-    values = checked_parameters(path, profile, parameters, params_file)
+    path, values = prepared_run(name, profile, parameters, params_file)
     notebook = jupytext.read(path)
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     out_dir = Path(output_dir) if output_dir is not None else project_root() / "notebooks" / "executed"
@@ -192,8 +208,7 @@ def run_as_script(
     the parameter values are assigned right after the parameters cell (as papermill injects them),
     figures and CSVs are written as usual, but no executed notebook is.  Because runs are reused by
     their settings, running the notebook later with the same parameters only gathers the results."""
-    path = find_notebook(name)
-    values = checked_parameters(path, profile, parameters, params_file)
+    path, values = prepared_run(name, profile, parameters, params_file)
     head, cell, tail = _split_at_parameters(path)
     # on the next cell's marker line, so that tracebacks give the notebook's own line numbers
     injected = "".join(f"{key} = {value!r}; " for key, value in values.items())

@@ -206,7 +206,7 @@ def test_a_notebook_runs_as_a_plain_script_without_jupyter(tmp_path):
 
 def test_missing_imagenet_and_teacher_weights_are_explained(tmp_path):
     parameters = {"data": "imagenet", "data_root": str(tmp_path / "imagenet"), "runs_dir": str(tmp_path / "runs"),
-                  "figures_dir": str(tmp_path / "fig")}
+                  "figures_dir": str(tmp_path / "fig"), "device": "cpu"}  # the full profile, here on the CPU
     with pytest.raises(NotebookError, match=r"no ImageNet ImageFolder at .*imagenet: expected .*train/<class>"):
         run_notebook("05", "full", parameters, output_dir=tmp_path)
     (tmp_path / "imagenet/train").mkdir(parents=True)

@@ -4,6 +4,7 @@ import re
 import subprocess
 from dataclasses import replace
 from functools import partialmethod
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -453,6 +454,24 @@ def test_a_device_this_machine_lacks_is_refused_with_the_reason(monkeypatch, cap
     assert engine.resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(engine.DeviceNotFoundError, match=re.escape("this machine has 1 GPU(s), cuda:0 to cuda:0")):
         engine.resolve_device("cuda:1")
+
+
+def test_an_interrupted_train_many_leaves_no_training_process_behind(data_root, tmp_path, monkeypatch):
+    started, start = [], engine._start
+    monkeypatch.setattr(engine, "_start", lambda *args: started.append(start(*args)) or started[-1])
+
+    def interrupted(seconds):  # Ctrl-C, or a notebook's interrupt, while the runs train
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "time", SimpleNamespace(sleep=interrupted))
+    configs = [config(data_root, tmp_path, name=f"i{seed}", seed=seed, epochs=100) for seed in (0, 1)]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_many(configs, processes=2)
+        assert len(started) == 2 and all(process.poll() is not None for process in started)
+    finally:
+        for process in started:
+            process.kill()
 
 
 def test_runs_in_parallel_processes_match_runs_in_this_process(data_root, tmp_path):

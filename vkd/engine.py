@@ -8,6 +8,7 @@ the same name resumes from it exactly) and ``model.pt`` (the final student weigh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -1047,24 +1048,45 @@ def train_many(configs: list[RunConfig], processes: int = 1) -> list[dict]:
     waiting = [(slot, config) for slot, config in enumerate(configs) if finished_summary(config) is None]
     running, failed = {}, []
     bar = tqdm(total=len(waiting), desc=f"{len(waiting)} runs, {processes} at a time", mininterval=5)
-    while waiting or running:
-        while waiting and len(running) < processes:
-            slot, config = waiting.pop(0)
-            if gpus > 1:
-                env = {**env, "CUDA_VISIBLE_DEVICES": str(slot % gpus)}
-            running[slot] = _start(config, [sys.executable, "-m", "vkd", config.COMMAND], env)
-        time.sleep(1)
-        for slot, process in list(running.items()):
-            if process.poll() is not None:
-                del running[slot]
-                bar.update()
-                if process.returncode:
-                    log = (configs[slot].run_dir() / "train.log").read_text().strip().splitlines()
-                    failed.append(f"{configs[slot].name} (exit {process.returncode}): " + "\n    ".join(log[-5:]))
+    with _stopped_on_exit(running):
+        while waiting or running:
+            while waiting and len(running) < processes:
+                slot, config = waiting.pop(0)
+                if gpus > 1:
+                    env = {**env, "CUDA_VISIBLE_DEVICES": str(slot % gpus)}
+                running[slot] = _start(config, [sys.executable, "-m", "vkd", config.COMMAND], env)
+            time.sleep(1)
+            for slot, process in list(running.items()):
+                if process.poll() is not None:
+                    del running[slot]
+                    bar.update()
+                    if process.returncode:
+                        log = (configs[slot].run_dir() / "train.log").read_text().strip().splitlines()
+                        failed.append(f"{configs[slot].name} (exit {process.returncode}): " + "\n    ".join(log[-5:]))
     bar.close()
     if failed:
         raise RuntimeError("training failed for " + "\n  ".join(failed))
     return [config.run() for config in configs]  # finished: their summaries (completed where a kind needs it)
+
+
+@contextlib.contextmanager
+def _stopped_on_exit(running: dict[int, subprocess.Popen], grace_s: float = 30.0):
+    """Leave no training process of ``running`` (slot -> process, as it stands on exit) going on behind an
+    interrupted caller (Ctrl-C, a notebook's interrupt, an error): each is terminated, and killed if it has not
+    ended within ``grace_s``.  Their checkpoints are written atomically, so each run resumes where its last
+    epoch ended when started again."""
+    try:
+        yield
+    finally:
+        for process in running.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in running.values():
+            try:
+                process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def _child_env(processes: int) -> dict:
@@ -1104,13 +1126,14 @@ def launch_torchrun(config: TrainConfig, nproc_per_node: int = 1, nnodes: int = 
         return summary
     process = _start(config, [*launcher, "--module", "vkd", "train"], _child_env(nproc_per_node))
     metrics, shown = config.run_dir() / "metrics.csv", None
-    while process.poll() is None:
-        time.sleep(min(follow_every, 2.0) if shown is None else follow_every)
-        if metrics.is_file():
-            last = metrics.read_text().strip().splitlines()
-            if len(last) > 1 and last[-1] != shown:
-                shown = last[-1]
-                print(dict(zip(last[0].split(","), shown.split(","), strict=False)), flush=True)
+    with _stopped_on_exit({0: process}):
+        while process.poll() is None:
+            time.sleep(min(follow_every, 2.0) if shown is None else follow_every)
+            if metrics.is_file():
+                last = metrics.read_text().strip().splitlines()
+                if len(last) > 1 and last[-1] != shown:
+                    shown = last[-1]
+                    print(dict(zip(last[0].split(","), shown.split(","), strict=False)), flush=True)
     if process.returncode:
         tail = (config.run_dir() / "train.log").read_text().strip().splitlines()[-15:]
         raise RuntimeError(f"torchrun job {config.name} failed (exit {process.returncode}):\n  " + "\n  ".join(tail))

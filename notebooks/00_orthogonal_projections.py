@@ -25,7 +25,7 @@
 # notebook measures all of them against `nn.Linear`.
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke / quick / full: which profile filled these values
+profile: str = "quick"  # smoke / quick / full: which profile filled these values
 figures_dir: str = "figures"  # where figures and CSVs go (relative to the project root)
 gram_batch: int = 64  # samples in the Gram-matrix demonstration
 gram_student_dim: int = 192  # d_s of the Gram-matrix demonstration
@@ -35,7 +35,7 @@ teacher_dims: list = [256, 768, 1536, 3024]  # d_t values of the cost sweep
 methods: list = ["stiefel", "cayley", "householder", "exp"]  # orthogonal methods to time
 max_exp_dim: int = 3024  # skip "exp"/"householder" above this d_t (each 3024 step takes seconds)
 batch: int = 256  # batch size of the cost sweep
-reps: int = 20  # timed repetitions per measurement (medians are reported)
+reps: int = 15  # timed repetitions per measurement (medians are reported)
 seed: int = 0  # random seed
 
 # %%

@@ -28,27 +28,28 @@
 # %% tags=["parameters"]
 from typing import Union  # for compile
 
-profile: str = "smoke"  # smoke / quick / full: which profile filled these values
+profile: str = "quick"  # smoke / quick / full: which profile filled these values
 figures_dir: str = "figures"  # figures and CSVs (relative to the project root)
 runs_dir: str = "runs/01"  # run folders (metrics, checkpoints); reruns resume / reuse them
 dataset: str = "cifar10-jpeg"  # cifar10-jpeg (offline archive) | cifar10 | cifar100 (torchvision)
 download: bool = False  # let torchvision download CIFAR (online users)
-fraction: float = 1.0  # class-stratified fraction of the training set
-test_fraction: float = 1.0  # class-stratified fraction of the test set
-teacher: str = "resnet32x4"  # teacher architecture (timm name)
-teacher_checkpoint: str = ""  # weights of a trained teacher; empty: train one here first
-teacher_sha256: str = ""  # expected checksum of teacher_checkpoint (optional)
+fraction: float = 0.1  # class-stratified fraction of the training set; full: 1.0
+test_fraction: float = 0.5  # class-stratified fraction of the test set
+teacher: str = "resnet20"  # teacher (timm name): the CPU-trained one of data/teachers/ (85.00 %); full: resnet32x4
+# weights of a trained teacher; empty: train one here first (teacher_epochs, teacher_batch_size, teacher_lr)
+teacher_checkpoint: str = "data/teachers/resnet20_cifar10-jpeg.pt"
+teacher_sha256: str = "09272af3e9e26b5808eeaaca9ca74d36c95fc52dcc4fa7ea14c0e8d9b324cd2a"  # its checksum (optional)
 teacher_epochs: int = 240  # epochs when the teacher is trained here
 teacher_batch_size: int = 0  # batch size when the teacher is trained here; 0: batch_size
 teacher_lr: float = 0.0  # learning rate when the teacher is trained here; 0: lr
-student: str = "resnet8x4"  # student architecture (timm name)
+student: str = "resnet8"  # student architecture (timm name); full: resnet8x4
 methods: list = ["ce", "kd", "fitnet", "dkd", "srd", "vkd", "srd+dkd"]  # vkd.distillers.METHODS
 method_options: dict = {}  # per method, MethodConfig overrides, e.g. {"vkd": {"vkd_weight": 50}}
-epochs: int = 240  # student epochs
+epochs: int = 10  # student epochs; full: 240, the recipe
 batch_size: int = 64
 lr: float = 0.05
 weight_decay: float = 5e-4
-teacher_cache_views: int = 0  # >0: cache teacher outputs for that many augmentation views (CPU speed-up)
+teacher_cache_views: int = 4  # >0: cache teacher outputs for that many augmentation views (CPU speed-up)
 seeds: list = [0]  # student seeds (each also draws the data fractions); the teacher is trained with the first
 device: str = "auto"  # auto | cpu | cuda
 parallel: int = 1  # students trained at once, as separate processes (several share one GPU well)

@@ -24,26 +24,26 @@
 # with norm ∈ {none, l2, batchnorm} applied to both sides (`vkd.SRDLoss(norm=..., distance="mse")`).
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke / quick / full: which profile filled these values
+profile: str = "quick"  # smoke / quick / full: which profile filled these values
 figures_dir: str = "figures"  # figures and CSVs (relative to the project root)
 runs_dir: str = "runs/02"  # run folders
 teachers_dir: str = "runs/teachers"  # teacher runs, shared with notebook 03 (same settings -> trained once)
 dataset: str = "cifar10-jpeg"  # cifar10-jpeg | cifar10 | cifar100
 download: bool = False  # let torchvision download CIFAR (online users)
-fraction: float = 1.0  # class-stratified fraction of the training set
-test_fraction: float = 1.0  # class-stratified fraction of the test set
-teacher: str = "resnet50_cifar"  # wide teacher feature (2048-d)
+fraction: float = 0.1  # class-stratified fraction of the training set
+test_fraction: float = 0.2  # class-stratified fraction of the test set
+teacher: str = "resnet8x4"  # teacher (256-d feature); full: resnet50_cifar (2048-d)
 teacher_checkpoint: str = ""  # weights of a trained teacher; empty: train one here first
-teacher_epochs: int = 240  # epochs when the teacher is trained here
-student: str = "resnet8x4"  # student (256-d feature): W_p is 256 -> 2048
+teacher_epochs: int = 5  # epochs when the teacher is trained here
+student: str = "resnet8"  # student (64-d feature); full: resnet8x4 (256-d): W_p is 256 -> 2048
 norms: list = ["none", "l2", "batchnorm"]  # normalisations of both sides
 feature_weight: float = 1.0  # weight of the feature loss next to CE
-epochs: int = 240  # student epochs
+epochs: int = 5  # student epochs; full: 240
 batch_size: int = 64
 lr: float = 0.05
 weight_decay: float = 5e-4  # the students' (and so W_p's) weight decay; paper B's ImageNet runs use 1e-4
 threshold: float = 0.01  # a singular value "collapsed" when below threshold x the largest
-teacher_cache_views: int = 0  # >0: cache teacher outputs for that many augmentation views
+teacher_cache_views: int = 2  # >0: cache teacher outputs for that many augmentation views
 seed: int = 0
 device: str = "auto"
 

@@ -34,29 +34,29 @@
 # separate in each space (leave-one-out k-NN accuracy, `vkd.analysis.knn_accuracy`).
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke / quick / full: which profile filled these values
+profile: str = "quick"  # smoke / quick / full: which profile filled these values
 figures_dir: str = "figures"  # figures and CSVs (relative to the project root)
 runs_dir: str = "runs/03"  # run folders
 teachers_dir: str = "runs/teachers"  # teacher runs, shared with notebook 02 (same settings -> trained once)
 dataset: str = "cifar10-jpeg"  # cifar10-jpeg | cifar10 | cifar100
 download: bool = False  # let torchvision download CIFAR (online users)
-fraction: float = 1.0  # class-stratified fraction of the training set
-test_fraction: float = 1.0  # class-stratified fraction of the test set
-teacher: str = "resnet50_cifar"  # teacher architecture
+fraction: float = 0.1  # class-stratified fraction of the training set
+test_fraction: float = 0.2  # class-stratified fraction of the test set
+teacher: str = "resnet8x4"  # teacher architecture; full: resnet50_cifar
 teacher_checkpoint: str = ""  # weights of a trained teacher; empty: train one here first
-teacher_epochs: int = 240  # epochs when the teacher is trained here
-student: str = "resnet8x4"  # student architecture
+teacher_epochs: int = 5  # epochs when the teacher is trained here
+student: str = "resnet8"  # student architecture; full: resnet8x4
 projectors: list = ["linear", "mlp-64", "mlp-512", "mlp-2048", "ensemble-512", "orthogonal"]  # kind[-hidden]
 measure: str = "matched"  # matched | cka: the correlation plotted first
 probe_images: int = 512  # fixed test images on which the correlation is measured
-probe_every: int = 20  # optimiser steps between correlation measurements
+probe_every: int = 8  # optimiser steps between correlation measurements
 smoothing: int = 5  # moving-average window (in measurements) of the plotted curves and of their peaks
 tsne_projectors: list = ["linear", "orthogonal"]  # projectors whose projected features get a t-SNE panel
 knn: int = 5  # neighbours of the k-NN accuracy that measures class separation in a feature space
-epochs: int = 240
+epochs: int = 4  # full: 240
 batch_size: int = 64
 lr: float = 0.05
-teacher_cache_views: int = 0  # >0: cache teacher outputs for that many augmentation views
+teacher_cache_views: int = 2  # >0: cache teacher outputs for that many augmentation views
 seeds: list = [0]  # student seeds; the teacher and the feature-geometry section use the first
 device: str = "auto"
 

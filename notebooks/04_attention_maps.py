@@ -27,28 +27,28 @@
 # B's normalisation is not stated, so only the ordering is comparable.
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke / quick / full: which profile filled these values
+profile: str = "quick"  # smoke / quick / full: which profile filled these values
 figures_dir: str = "figures"  # figures and CSVs (relative to the project root)
 runs_dir: str = "runs/04"  # run folders
 teachers_dir: str = "runs/teachers"  # teacher runs (shared with notebooks 02 and 03)
 dataset: str = "cifar10-jpeg"  # cifar10-jpeg | cifar10 | cifar100
 download: bool = False  # let torchvision download CIFAR (online users)
-fraction: float = 1.0  # class-stratified fraction of the training set
-test_fraction: float = 1.0  # class-stratified fraction of the test set
-teacher: str = "resnet32x4"  # CNN teacher
+fraction: float = 0.1  # class-stratified fraction of the training set
+test_fraction: float = 0.2  # class-stratified fraction of the test set
+teacher: str = "resnet8x4"  # CNN teacher; full: resnet32x4
 teacher_checkpoint: str = ""  # weights of a trained teacher; empty: train one here first
-teacher_epochs: int = 240  # epochs when the teacher is trained here (SGD recipe)
+teacher_epochs: int = 5  # epochs when the teacher is trained here (SGD recipe)
 teacher_lr: float = 0.05  # teacher learning rate (SGD)
 student: str = "deit_tiny_patch4_32"  # ViT student for 32 px images
-student_depth: int = 12  # transformer blocks of the student
+student_depth: int = 3  # transformer blocks of the student; full: 12
 methods: list = ["ce", "kd", "vkd"]  # student trained alone, with KD, with VkD
-epochs: int = 300
+epochs: int = 5  # full: 300
 batch_size: int = 128
 lr: float = 1e-3  # AdamW learning rate of the students
 weight_decay: float = 0.05
 images_shown: int = 4  # test images in the attention figure
 equivariance_images: int = 256  # test images over which µ_T is averaged
-teacher_cache_views: int = 0
+teacher_cache_views: int = 2
 seeds: list = [0]  # student seeds (each draws its µ_T images); the teacher and the figures use the first
 device: str = "auto"
 

@@ -28,27 +28,30 @@
 # `vkd.gan.train_gan` (hinge loss, Adam, EMA generator, checkpoints, resume).
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke / quick / full: which profile filled these values
+profile: str = "quick"  # smoke / quick / full: which profile filled these values
 figures_dir: str = "figures"  # figures and CSVs (relative to the project root)
 runs_dir: str = "runs/06"  # run folders; reruns resume / reuse them
 dataset: str = "cifar10-jpeg"  # cifar10-jpeg | cifar10 | cifar100
 download: bool = False  # let torchvision download CIFAR (online users)
 fractions: list = [0.1]  # class-stratified fractions of the training set (the paper: 0.1, 0.2, 1.0)
 methods: list = ["da", "vkd-layernorm", "vkd-whiten"]  # da | vkd-<norm> with norm none / layernorm / whiten
-teacher: str = "resnet32x4"  # classifier (timm name) or "clip" (open_clip ViT-B/32, the paper's teacher)
-teacher_checkpoint: str = "data/teachers/resnet32x4_cifar10-jpeg.pt"  # its weights (local file)
-teacher_sha256: str = "53ec9c1e6acac852e232049cb2e70120168a40ecb87fac59f196ebf98d8cc6fc"
+# a classifier (timm name) or "clip" (open_clip ViT-B/32, the paper's teacher); here the CPU-trained resnet20 of
+# data/teachers/ (resnet32x4, full's, costs too much per step on a CPU)
+teacher: str = "resnet20"
+teacher_checkpoint: str = "data/teachers/resnet20_cifar10-jpeg.pt"  # its weights (local file)
+teacher_sha256: str = "09272af3e9e26b5808eeaaca9ca74d36c95fc52dcc4fa7ea14c0e8d9b324cd2a"
 distance: str = "mse"  # distance of the distillation term
 kd_weight: float = 1.0
-channels: int = 256  # generator / discriminator width (BigGAN CIFAR: 256)
+channels: int = 32  # generator / discriminator width (full, BigGAN CIFAR: 256)
 head_dim: int = 0  # VkD: 0 projects D's pooled features (at most as wide as the teacher); >0 a linear head first
-iterations: int = 100_000  # generator updates
-batch_size: int = 50
-d_steps: int = 4  # discriminator updates per generator update
-ema_decay: float = 0.9999
-eval_every: int = 5000  # iterations between FID evaluations (and checkpoints)
-fid_samples: int = 10_000  # generated images per FID (and real test images)
-fid_features: str = "inception"  # inception | teacher | ARCH:CHECKPOINT (another classifier's features)
+iterations: int = 720  # generator updates; full: 100,000
+batch_size: int = 32
+d_steps: int = 2  # discriminator updates per generator update
+ema_decay: float = 0.999
+eval_every: int = 240  # iterations between FID evaluations (and checkpoints)
+fid_samples: int = 1000  # generated images per FID (and real test images); full: 10,000
+# inception (full) | teacher | ARCH:CHECKPOINT (another classifier's features; here another network than the teacher)
+fid_features: str = "resnet32x4:data/teachers/resnet32x4_cifar10-jpeg.pt"
 inception_weights: str = ""  # local Inception weights (empty: torch-fidelity downloads them; online)
 seed: int = 0
 device: str = "auto"

@@ -1,5 +1,6 @@
 """Every notebook end to end in the smoke profile, and the runner's parameter and failure handling."""
 
+import ast
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ from vkd import data
 from vkd.engine import TrainConfig
 from vkd.notebooks import (
     NotebookError,
+    _split_at_parameters,
     checked_parameters,
     declared_parameters,
     inspect_parameters,
@@ -76,6 +78,17 @@ def test_every_profile_and_parameters_file_gives_values_of_the_declared_types(no
         for params_file in files:
             assert set(checked_parameters(notebook, profile, params_file=params_file)) <= set(
                 declared_parameters(notebook))
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_a_notebook_as_it_stands_is_its_quick_profile(notebook):
+    """Run All in JupyterLab (papermill with no parameters) runs what `make reproduce` does, labelled so: the
+    parameters cell holds the quick values, and the quick profile adds nothing but its name."""
+    cell = _split_at_parameters(notebook)[1]
+    defaults = {node.target.id: ast.literal_eval(node.value) for node in ast.parse(cell).body
+                if isinstance(node, ast.AnnAssign)}
+    assert defaults["profile"] == "quick"
+    assert checked_parameters(notebook, "quick") == {"profile": "quick"}
 
 
 @pytest.mark.parametrize("value, message", [

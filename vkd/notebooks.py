@@ -5,6 +5,8 @@ JupyterLab opens as notebooks (right click, "Open With > Notebook") and that dif
 tagged ``parameters`` declares each parameter with a type annotation and a trailing comment.
 A profile (``notebooks/profiles/<profile>.yaml``) gives values under ``all:`` and under each
 notebook's stem; a user's ``--params-file`` and ``-p NAME VALUE`` overrides come on top, in that order.
+The parameters cells hold the quick profile's values, so a notebook run as it stands (Run All in
+JupyterLab) is the quick profile; smoke.yaml and full.yaml list what they change.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ class TrainConfig(RunConfig):
     def __post_init__(self):
         """Refuse, when the config is made rather than when it trains: unknown models, methods and method
         options; a method that distils without a teacher, a teacher without weights; an unknown compile mode
-        and settings a captured step cannot run with; a setting of the wrong type."""
+        and settings a captured step cannot run with; a setting of the wrong type or outside its :meth:`limits`."""
         super().__post_init__()
         check_model_names(self.student, self.teacher)
         if MethodConfig.for_method(self.method, **self.method_options).distils and self.teacher is None:

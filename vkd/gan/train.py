@@ -98,7 +98,8 @@ class GANConfig(RunConfig):
 
     def __post_init__(self):
         """Refuse, when the config is made rather than when it trains: an unknown method, teacher normalisation,
-        distance or FID feature space, evaluations that do not divide the iterations, a setting of the wrong type."""
+        distance or FID feature space, evaluations that do not divide the iterations, a setting of the wrong type
+        or outside its :meth:`limits`."""
         super().__post_init__()
         if self.method not in GAN_METHODS:
             raise ValueError(f"unknown GAN method {self.method!r}; expected one of {GAN_METHODS}")

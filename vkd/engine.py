@@ -1154,12 +1154,19 @@ def evaluate_checkpoint(checkpoint: str | Path, arch: str | None = None, dataset
     if arch is None:
         raise ValueError(f"{checkpoint} does not record its architecture: give arch (a timm model name)")
     check_model_names(arch)  # before the data are read
+
+    def model_with_weights(classes: int) -> tuple[nn.Module, list[str]]:
+        model = timm.create_model(arch, num_classes=classes, **(model_options or {}))
+        return model, load_state(model, state, strict=False, source=str(resolve(checkpoint)))
+
+    classes = num_classes or (state.get("num_classes") if isinstance(state, dict) else None)
+    if classes:  # weights that do not fit are refused before the data are read
+        model, ignored = model_with_weights(classes)
     config = TrainConfig.from_values(dataset=dataset, data_root=data_root, image_size=image_size, batch_size=batch_size,
                          workers=workers, device=str(device))
     loader = _split_loader(config, device, Processes(), train=False)
-    classes = num_classes or (state.get("num_classes") if isinstance(state, dict) else None) or loader.num_classes
-    model = timm.create_model(arch, num_classes=classes, **(model_options or {}))
-    ignored = load_state(model, state, strict=False)
+    if not classes:
+        model, ignored = model_with_weights(loader.num_classes)
     model.to(device)
     autocast = mixed_precision(device)
     return {"checkpoint": str(checkpoint), "arch": arch, "images": len(loader.labels), "ignored_keys": ignored,

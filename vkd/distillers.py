@@ -28,7 +28,7 @@ from torch import nn
 from .losses import DKDLoss, FitNetLoss, KDLoss, SRDLoss, VkDLoss, get_distance, pool_features
 from .models import distillation_features
 from .normalization import get_normalization
-from .projectors import ORTHOGONAL_METHODS, PROJECTORS, retract_
+from .projectors import check_projector, retract_
 from .settings import wrong_types
 
 METHODS = ("ce", "kd", "fitnet", "dkd", "srd", "vkd", "srd+dkd")
@@ -69,11 +69,8 @@ class MethodConfig:
             get_normalization(norm)
         for distance in (self.vkd_distance, self.srd_distance):
             get_distance(distance)
-        for projector in (self.vkd_projector, self.srd_projector):
-            if projector not in PROJECTORS:
-                raise ValueError(f"unknown projector {projector!r}; expected one of {PROJECTORS}")
-        if self.vkd_method not in ORTHOGONAL_METHODS:
-            raise ValueError(f"unknown orthogonal method {self.vkd_method!r}; expected one of {ORTHOGONAL_METHODS}")
+        check_projector(self.srd_projector)
+        check_projector(self.vkd_projector, self.vkd_method)
 
     @classmethod
     def for_method(cls, method: str, **overrides) -> MethodConfig:

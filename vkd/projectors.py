@@ -146,8 +146,7 @@ class OrthogonalProjector(nn.Module):
                 f"OrthogonalProjector maps to a space at least as wide: expected in_dim <= out_dim, "
                 f"got in_dim={in_dim}, out_dim={out_dim}. Use LinearProjector to reduce the width."
             )
-        if method not in ORTHOGONAL_METHODS:
-            raise ValueError(f"unknown orthogonal method {method!r}; expected one of {ORTHOGONAL_METHODS}")
+        check_projector("orthogonal", method)
         self.in_dim, self.out_dim, self.method = in_dim, out_dim, method
         if method == "stiefel":
             self.free = nn.Parameter(random_orthonormal(out_dim, in_dim))
@@ -220,6 +219,15 @@ def retract_(module: nn.Module) -> None:
                 sub.free.zero_()
 
 
+def check_projector(kind: str, method: str | None = None) -> None:
+    """Refuse (ValueError) a projector ``kind`` not in PROJECTORS, or an orthogonal ``method`` not in
+    ORTHOGONAL_METHODS, naming the choices."""
+    if kind not in PROJECTORS:
+        raise ValueError(f"unknown projector {kind!r}; expected one of {PROJECTORS}")
+    if method is not None and method not in ORTHOGONAL_METHODS:
+        raise ValueError(f"unknown orthogonal method {method!r}; expected one of {ORTHOGONAL_METHODS}")
+
+
 def build_projector(kind: str, in_dim: int, out_dim: int, **options) -> nn.Module:
     """Factory: ``kind`` in PROJECTORS; ``options`` go to the class (hidden, layers, members, method)."""
     classes = {
@@ -228,8 +236,7 @@ def build_projector(kind: str, in_dim: int, out_dim: int, **options) -> nn.Modul
         "ensemble": EnsembleProjector,
         "orthogonal": OrthogonalProjector,
     }
-    if kind not in classes:
-        raise ValueError(f"unknown projector {kind!r}; expected one of {PROJECTORS}")
+    check_projector(kind)
     if not (in_dim >= 1 and out_dim >= 1):
         raise ValueError(f"a projector maps between feature widths of at least 1, got in_dim={in_dim}, "
                          f"out_dim={out_dim}")

@@ -87,3 +87,16 @@ def test_run_record_names_the_run_behind_a_row_and_over_seeds_ignores_its_revisi
                        "device": "cpu (2 threads)", "profile": "quick", "git": "def5678+dirty"}
     statistics = over_seeds(pd.DataFrame(rows))  # runs of two revisions are still one setting
     assert len(statistics) == 1 and statistics.seeds.iloc[0] == 2 and statistics.wall_s.iloc[0] == 63
+
+
+def test_outside_a_checkout_what_only_the_checkout_holds_is_named(monkeypatch, tmp_path, capsys):
+    """A package installed from a wheel, used in another folder: no data/ or notebooks/ there."""
+    from vkd import cli, paths, results
+
+    monkeypatch.setattr(paths, "project_root", lambda start=None: tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no data/paper_numbers.csv at .*source checkout"):
+        results.paper_numbers()
+    assert committed_teacher_row(tmp_path / "resnet32x4_cifar10-jpeg.pt") is None  # no committed teachers here
+    for command in (["reproduce", "--profile", "quick"], ["run", "01"]):  # reproduce did nothing and exited 0
+        assert cli.main(command) == 1
+        assert f"no notebooks at {tmp_path / 'notebooks'}" in capsys.readouterr().err

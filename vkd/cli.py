@@ -124,8 +124,8 @@ def _command(args) -> int:
     if args.command in ("run", "reproduce"):
         from .notebooks import NotebookError, list_notebooks, prepared_run, run_as_script, run_notebook
 
-        names = [args.notebook] if args.command == "run" else list_notebooks()
         try:
+            names = [args.notebook] if args.command == "run" else list_notebooks()
             for name in names:  # every notebook's parameters are checked before the first one runs
                 prepared_run(name, args.profile, _parse_overrides(args.parameter), args.params_file)
             for name in names:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .extras import optional_import
-from .paths import PROGRESS_ENV, project_root
+from .paths import PROGRESS_ENV, checkout_path, project_root
 from .settings import fits
 
 PROFILES = ("smoke", "quick", "full")
@@ -32,7 +32,11 @@ class NotebookError(RuntimeError):
 
 
 def notebook_dir() -> Path:
-    return project_root() / "notebooks"
+    """The checkout's ``notebooks/`` folder (a NotebookError saying where it looked when there is none)."""
+    try:
+        return checkout_path("notebooks")
+    except FileNotFoundError as error:
+        raise NotebookError(str(error)) from None
 
 
 def list_notebooks() -> list[Path]:
@@ -160,7 +164,7 @@ def run_notebook(
     path, values = prepared_run(name, profile, parameters, params_file)
     notebook = jupytext.read(path)
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    out_dir = Path(output_dir) if output_dir is not None else project_root() / "notebooks" / "executed"
+    out_dir = Path(output_dir) if output_dir is not None else notebook_dir() / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / f"{path.stem}.{profile}.ipynb"
     start = time.perf_counter()

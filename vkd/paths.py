@@ -37,6 +37,17 @@ def resolve(path: str | Path) -> Path:
     return path if path.is_absolute() else project_root() / path
 
 
+def checkout_path(relative: str) -> Path:
+    """``resolve(relative)`` for what only a vkd source checkout holds (``notebooks/``, ``data/paper_numbers.csv``);
+    a FileNotFoundError naming where it looked when it is not there (a package installed from a wheel, used
+    outside the checkout)."""
+    path = resolve(relative)
+    if not path.exists():
+        raise FileNotFoundError(f"no {relative} at {path}: it comes with vkd's source checkout (git clone), not with "
+                                f"the installed package; run from the checkout's folder or one below it")
+    return path
+
+
 def portable(path: str | Path) -> str:
     """``path`` as run settings record it: relative to the project root when it lies inside it, else absolute.
     Any spelling of one file (relative, absolute, through another working directory) gives one string,

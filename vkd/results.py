@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from .extras import optional_import
-from .paths import resolve
+from .paths import checkout_path, resolve
 
 PAPER_NUMBERS = "data/paper_numbers.csv"
 PAPER_FID = "data/paper_fid.csv"
@@ -16,13 +16,13 @@ TEACHERS = "data/teachers/teachers.csv"
 
 def paper_numbers() -> pd.DataFrame:
     """The papers' reported top-1 accuracies: paper, dataset, teacher, student, method, top1, source."""
-    return pd.read_csv(resolve(PAPER_NUMBERS))
+    return pd.read_csv(checkout_path(PAPER_NUMBERS))
 
 
 def paper_fid() -> pd.DataFrame:
     """VkD's data-limited generation table (Inception FID, lower is better): paper, dataset, fraction, method,
     fid, fid_std, source; method names as notebook 06 runs them (da, vkd-layernorm, vkd-whiten, ...)."""
-    return pd.read_csv(resolve(PAPER_FID))
+    return pd.read_csv(checkout_path(PAPER_FID))
 
 
 def with_paper_numbers(results: pd.DataFrame) -> pd.DataFrame:
@@ -37,10 +37,14 @@ def with_paper_numbers(results: pd.DataFrame) -> pd.DataFrame:
 
 def committed_teacher_row(checkpoint: str | Path) -> dict | None:
     """The results-table row of a committed teacher (``data/teachers/teachers.csv``: its measured test top-1,
-    training epochs, batch, wall time, device), or None when ``checkpoint`` is not that file (by sha256)."""
+    training epochs, batch, wall time, device), or None when ``checkpoint`` is not that file (by sha256) or no
+    checkout's ``data/teachers/teachers.csv`` is at hand."""
     from .engine import sha256
 
-    path, table = resolve(checkpoint), pd.read_csv(resolve(TEACHERS))
+    path, teachers = resolve(checkpoint), resolve(TEACHERS)
+    if not teachers.is_file():
+        return None
+    table = pd.read_csv(teachers)
     match = table[table.file == path.name]
     if match.empty or not path.is_file() or sha256(path) != match.sha256.iloc[0]:
         return None

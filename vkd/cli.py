@@ -22,7 +22,8 @@ def _parse_overrides(pairs: list[list[str]] | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vkd", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vkd", description="vkd: run the notebooks, train and evaluate "
+                                     "runs, export weights, benchmark (python -m vkd COMMAND --help for each)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="execute one notebook with papermill")

@@ -1,5 +1,6 @@
 """vkd.gan: DiffAugment, the BigGAN-style networks, FID against its closed form, resumable training."""
 
+import copy
 import json
 from dataclasses import replace
 
@@ -19,6 +20,7 @@ from vkd.gan import (
     Generator,
     ImageEmbedding,
     class_spread,
+    classifier_embedding,
     clip_embedding,
     diff_augment,
     evaluation_embedding,
@@ -144,6 +146,28 @@ def test_missing_inception_and_clip_weights_are_explained(tmp_path):
         FID("inception", inception_weights=str(tmp_path / "nowhere.pth"))
     with pytest.raises((FileNotFoundError, ImportError), match="no CLIP weights at .*clip.bin: download|open_clip"):
         clip_embedding(str(tmp_path / "clip.bin"))
+
+
+def test_a_discriminator_update_is_one_pass_over_real_then_generated_images_with_the_hinge_and_vkd_terms():
+    """As BigGAN's and DiffAugment's code: D sees the B real and B generated images as one batch (one pass, one
+    spectral-norm power iteration); each half's VkD term normalises the teacher with that half's statistics."""
+    torch.manual_seed(0)
+    teacher = classifier_embedding("resnet8", checkpoint=None)
+    images, labels = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (16,))
+    config = GANConfig(method="vkd", norm="whiten", channels=8, z_dim=8, batch_size=4, d_steps=1, ema_decay=0)
+    training = GANTraining(config, images, labels, 10, teacher, torch.device("cpu"))
+    kd_loss = copy.deepcopy(training.kd_loss)  # its projector as the update finds it
+    passes = []
+    training.discriminator.register_forward_hook(
+        lambda module, args, output: passes.append((args[0].detach(), *(o.detach() for o in output))))
+    terms = training.iteration(0)
+    assert [len(p[0]) for p in passes] == [8, 4]  # the update's 4 real + 4 generated, then the generator's 4
+    augmented, logits, embedding = passes[0]
+    torch.testing.assert_close(terms["d_loss"], F.relu(1 - logits[:4]).mean() + F.relu(1 + logits[4:]).mean())
+    torch.testing.assert_close((terms["d_real"], terms["d_fake"]), (logits[:4].mean(), logits[4:].mean()))
+    targets = teacher(augmented)
+    halves = kd_loss(embedding[:4], targets[:4]) + kd_loss(embedding[4:], targets[4:])
+    torch.testing.assert_close(terms["kd_loss"], halves)
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ evaluation), ``summary.json`` and ``checkpoint.pt`` (written atomically at every
 resumes from it exactly, so a crash loses at most ``eval_every`` iterations), ``generator.pt`` at the end.
 
 One iteration = ``d_steps`` discriminator updates, then one generator update (hinge losses, Adam),
-with DiffAugment on every image the discriminator sees.  Method ``"vkd"`` adds to the discriminator's loss
+with DiffAugment on every image the discriminator sees; a discriminator update passes the real and the
+generated batch through D as one batch, as BigGAN's and DiffAugment's code do.  Method ``"vkd"`` adds to
+the discriminator's loss
 
     kd_weight · [VkD(head(D(T(x))), teacher(T(x))) + VkD(head(D(T(G(z)))), teacher(T(G(z))))]
 
@@ -250,13 +252,16 @@ class GANTraining:
         images, labels = self._real_batch()
         with torch.no_grad():
             fakes, fake_labels = self._fake_batch()
-        real_aug, fake_aug = diff_augment(images, config.policy), diff_augment(fakes, config.policy)
-        real_logits, real_embedding = self.discriminator(real_aug, labels)
-        fake_logits, fake_embedding = self.discriminator(fake_aug, fake_labels)
+        # real and generated images through D (and the teacher) as one batch (B real, then B generated), as
+        # BigGAN's and DiffAugment's code do: one pass and one spectral-norm power iteration per update
+        augmented = diff_augment(torch.cat([images, fakes]), config.policy)
+        logits, embedding = self.discriminator(augmented, torch.cat([labels, fake_labels]))
+        real_logits, fake_logits = logits.chunk(2)
         terms = {"d_loss": F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()}
-        if self.kd_loss is not None:
-            terms["kd_loss"] = config.kd_weight * (self.kd_loss(real_embedding, self.teacher(real_aug))
-                                                   + self.kd_loss(fake_embedding, self.teacher(fake_aug)))
+        if self.kd_loss is not None:  # the teacher normalised with the statistics of each half
+            targets = self.teacher(augmented)
+            terms["kd_loss"] = config.kd_weight * sum(self.kd_loss(student, teacher) for student, teacher
+                                                      in zip(embedding.chunk(2), targets.chunk(2), strict=True))
         self.d_optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
         self.d_optimizer.step()

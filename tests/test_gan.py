@@ -170,6 +170,24 @@ def test_a_discriminator_update_is_one_pass_over_real_then_generated_images_with
     torch.testing.assert_close(terms["kd_loss"], halves)
 
 
+def test_channels_last_changes_the_layout_of_the_networks_images_not_their_arithmetic():
+    teacher = classifier_embedding("resnet8", checkpoint=None)
+    images, labels = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (16,))
+    terms, layouts = {}, {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)  # the same initial weights and random draws for both layouts
+        config = GANConfig(method="vkd", norm="layernorm", channels=8, z_dim=8, batch_size=4, d_steps=2, ema_decay=0,
+                           channels_last=channels_last)
+        training = GANTraining(config, images, labels, 10, teacher, torch.device("cpu"))
+        seen = []
+        training.discriminator.register_forward_hook(lambda module, args, output, seen=seen: seen.append(args[0]))
+        terms[channels_last] = training.iteration(0)
+        layouts[channels_last] = {x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                                  for x in seen}
+    assert layouts == {False: {False}, True: {True}}  # every image batch D saw: NCHW, or NHWC
+    torch.testing.assert_close(terms[True], terms[False], rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture
 def teacher(tmp_path, monkeypatch, tiny_archive):
     """A resnet8 trained for one epoch on the tiny archive: the teacher and the FID feature space."""

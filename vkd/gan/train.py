@@ -90,6 +90,7 @@ class GANConfig(RunConfig):
     betas: tuple = (0.0, 0.999)
     ema_decay: float = 0.9999  # generator EMA (0: evaluate the generator itself)
     policy: str = DIFFAUGMENT_POLICY
+    channels_last: bool = True  # generator, discriminator and images in NHWC (faster convolutions on CPUs and GPUs)
     eval_every: int = 5000  # iterations between FID evaluations and checkpoints
     fid_samples: int = 10_000  # generated images per FID; the real set is as many test images
     fid_features: str = "inception"  # inception | teacher (the teacher's embedding) | an arch:checkpoint pair
@@ -174,11 +175,13 @@ def within_class_spread(config: GANConfig, generator: Generator, embedding: Imag
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
-    """The (EMA) generator a finished run saved as ``generator.pt``, in eval mode."""
+    """The (EMA) generator a finished run saved as ``generator.pt``, in eval mode and in the memory layout it
+    trained in (so that it draws the images its run evaluated, to the last bit)."""
     state = torch.load(resolve(path), map_location="cpu", weights_only=False)
     generator = Generator(state["num_classes"], state["channels"], state["z_dim"])
     generator.load_state_dict(state["generator"])
-    return generator.to(device).eval()
+    layout = torch.channels_last if state.get("channels_last") else torch.contiguous_format
+    return generator.to(device, memory_format=layout).eval()
 
 
 class GANTraining:
@@ -190,11 +193,12 @@ class GANTraining:
                  teacher: ImageEmbedding | None, device: torch.device):
         if (teacher is not None) != (config.method == "vkd"):
             raise ValueError(f"method {config.method!r} {'needs' if config.method == 'vkd' else 'takes no'} teacher")
+        self.layout = layout = torch.channels_last if config.channels_last else torch.contiguous_format
         self.config, self.device, self.num_classes, self.teacher = config, device, num_classes, teacher
-        self.real_images, self.real_labels = real_images, real_labels
-        self.generator = Generator(num_classes, config.channels, config.z_dim).to(device)
-        self.discriminator = Discriminator(num_classes, config.channels,
-                                           config.head_dim if teacher is not None else 0).to(device)
+        self.real_images, self.real_labels = real_images.contiguous(memory_format=layout), real_labels
+        self.generator = Generator(num_classes, config.channels, config.z_dim).to(device, memory_format=layout)
+        self.discriminator = Discriminator(num_classes, config.channels, config.head_dim if teacher is not None else 0
+                                           ).to(device, memory_format=layout)
         self.kd_loss = None
         if teacher is not None:
             if self.discriminator.embedding_dim > teacher.num_features:
@@ -247,6 +251,10 @@ class GANTraining:
         labels = torch.randint(self.num_classes, (self.config.batch_size,), device=self.device)
         return self.generator(z, labels), labels
 
+    def _augmented(self, images: torch.Tensor) -> torch.Tensor:
+        """DiffAugment, in the run's memory layout (its translation returns NHWC strides whatever it is given)."""
+        return diff_augment(images, self.config.policy).contiguous(memory_format=self.layout)
+
     def _discriminator_step(self) -> dict[str, torch.Tensor]:
         config = self.config
         images, labels = self._real_batch()
@@ -254,7 +262,7 @@ class GANTraining:
             fakes, fake_labels = self._fake_batch()
         # real and generated images through D (and the teacher) as one batch (B real, then B generated), as
         # BigGAN's and DiffAugment's code do: one pass and one spectral-norm power iteration per update
-        augmented = diff_augment(torch.cat([images, fakes]), config.policy)
+        augmented = self._augmented(torch.cat([images, fakes]))
         logits, embedding = self.discriminator(augmented, torch.cat([labels, fake_labels]))
         real_logits, fake_logits = logits.chunk(2)
         terms = {"d_loss": F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()}
@@ -272,7 +280,7 @@ class GANTraining:
 
     def _generator_step(self, step: int) -> torch.Tensor:
         fakes, labels = self._fake_batch()
-        logits, _ = self.discriminator(diff_augment(fakes, self.config.policy), labels)
+        logits, _ = self.discriminator(self._augmented(fakes), labels)
         loss = -logits.mean()
         self.g_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -362,7 +370,7 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
         "config": asdict(config),
     }
     save_atomic({"generator": evaluated.state_dict(), "num_classes": num_classes, "channels": config.channels,
-                 "z_dim": config.z_dim}, run_dir / "generator.pt")
+                 "z_dim": config.z_dim, "channels_last": config.channels_last}, run_dir / "generator.pt")
     save_json_atomic(summary, run_dir / "summary.json")
     return json.loads(json.dumps(summary))
 

@@ -48,7 +48,7 @@ iterations: int = 720  # generator updates; full: 100,000
 batch_size: int = 32
 d_steps: int = 2  # discriminator updates per generator update
 ema_decay: float = 0.999
-eval_every: int = 240  # iterations between FID evaluations (and checkpoints)
+eval_every: int = 240  # iterations between FID evaluations (checkpoints: at each and every 500 iterations)
 fid_samples: int = 1000  # generated images per FID (and real test images); full: 10,000
 # inception (full) | teacher | ARCH:CHECKPOINT (another classifier's features; here another network than the teacher)
 fid_features: str = "resnet32x4:data/teachers/resnet32x4_cifar10-jpeg.pt"

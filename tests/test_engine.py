@@ -427,6 +427,7 @@ def test_a_config_with_an_unknown_model_method_or_option_is_refused_when_made(se
      "batch_size must be at least 1, got 0; schedule must be one of ('multistep', 'cosine'), got 'step'"),
     ("train", {"dataset": "cifar11"}, "dataset must be one of ('cifar10', 'cifar10-jpeg', 'cifar100', 'imagefolder')"),
     ("gan", {"eval_every": 0}, "GANConfig: eval_every must be at least 1, got 0"),
+    ("gan", {"checkpoint_every": 0}, "GANConfig: checkpoint_every must be at least 1, got 0"),
 ])
 def test_a_config_that_cannot_train_is_refused_when_made(command, settings, message, capsys):
     """Before any data is read: `python -m vkd train` (`gan`) answers with the reason, not a traceback from the run."""

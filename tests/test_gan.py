@@ -207,8 +207,12 @@ def gan_config(tmp_path, teacher, **changes) -> GANConfig:
 def test_resumed_gan_run_equals_uninterrupted_run(tmp_path, teacher):
     for method in ("da", "vkd"):
         full = train_gan(gan_config(tmp_path, teacher, name=f"{method}-full", method=method))
-        split = gan_config(tmp_path, teacher, name=f"{method}-split", method=method)
-        assert train_gan(split, stop_after_iteration=2) == {"stopped_after_iteration": 2}
+        # interrupted between evaluations (a checkpoint every iteration; checkpoints do not change the run, so
+        # its settings and folder are the same), at an evaluation, and between evaluations again
+        split = gan_config(tmp_path, teacher, name=f"{method}-split", method=method, checkpoint_every=1)
+        for stop in (1, 2, 3):
+            assert train_gan(split, stop_after_iteration=stop) == {"stopped_after_iteration": stop}
+        assert len(pd.read_csv(tmp_path / f"runs/{method}-split/metrics.csv")) == 1  # iteration 3's terms wait
         resumed = train_gan(split)
         assert resumed["last_fid"] == full["last_fid"]
         a = torch.load(tmp_path / f"runs/{method}-full/generator.pt")["generator"]

@@ -2,8 +2,9 @@
 
 ``train_gan(GANConfig(...))`` writes to ``<out_dir>/<name>/``: ``metrics.csv`` (one row per evaluation:
 losses, FID, seconds), ``samples.png`` (a fixed grid of the EMA generator's images after the last
-evaluation), ``summary.json`` and ``checkpoint.pt`` (written atomically at every evaluation; a rerun
-resumes from it exactly, so a crash loses at most ``eval_every`` iterations), ``generator.pt`` at the end.
+evaluation), ``summary.json`` and ``checkpoint.pt`` (written atomically every ``checkpoint_every`` iterations
+and at every evaluation; a rerun resumes from it exactly, so a crash or Ctrl-C loses at most
+``checkpoint_every`` iterations), ``generator.pt`` at the end.
 
 One iteration = ``d_steps`` discriminator updates, then one generator update (hinge losses, Adam),
 with DiffAugment on every image the discriminator sees; a discriminator update passes the real and the
@@ -64,6 +65,7 @@ class GANConfig(RunConfig):
     """Everything a GAN run depends on; stored in the checkpoint and in summary.json."""
 
     COMMAND: ClassVar[str] = "gan"
+    NOT_SHAPING = (*RunConfig.NOT_SHAPING, "checkpoint_every")  # checkpoints do not change the run
     PATHS: ClassVar[tuple[str, ...]] = ("data_root", "teacher_checkpoint", "inception_weights")
 
     name: str = "gan"
@@ -91,7 +93,8 @@ class GANConfig(RunConfig):
     ema_decay: float = 0.9999  # generator EMA (0: evaluate the generator itself)
     policy: str = DIFFAUGMENT_POLICY
     channels_last: bool = True  # generator, discriminator and images in NHWC (faster convolutions on CPUs and GPUs)
-    eval_every: int = 5000  # iterations between FID evaluations and checkpoints
+    eval_every: int = 5000  # iterations between FID evaluations (each also writes the checkpoint)
+    checkpoint_every: int = 500  # iterations between checkpoints (at most this many are lost to a crash)
     fid_samples: int = 10_000  # generated images per FID; the real set is as many test images
     fid_features: str = "inception"  # inception | teacher (the teacher's embedding) | an arch:checkpoint pair
     inception_weights: str = ""  # local Inception file (empty: torch-fidelity downloads it; online)
@@ -118,7 +121,7 @@ class GANConfig(RunConfig):
         return [("dataset", self.dataset in vdata.DATASETS, f"one of {vdata.DATASETS}"),
                 ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
                 *((name, getattr(self, name) >= 1, "at least 1")
-                  for name in ("channels", "iterations", "batch_size", "d_steps", "eval_every")),
+                  for name in ("channels", "iterations", "batch_size", "d_steps", "eval_every", "checkpoint_every")),
                 ("fid_samples", self.fid_samples >= 2, "at least 2 (a covariance)")]
 
     def run(self, stop_after: int | None = None) -> dict:
@@ -317,40 +320,50 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     fid.add_real(test_data.images.split(500))
 
     checkpoint_path = run_dir / "checkpoint.pt"
-    rows, iteration, elapsed = [], 0, 0.0
+    # sums: the training terms summed since the last evaluation; seconds: the time spent since then
+    rows, iteration, elapsed, sums, seconds = [], 0, 0.0, {}, 0.0
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         config.refuse_other_settings(state["config"], checkpoint_path)
         training.load_state_dict(state)
         set_rng_state(state["rng"], device)
         rows, iteration, elapsed = state["metrics"], state["iteration"], state["elapsed"]
+        sums, seconds = state.get("sums", {}), state.get("seconds", 0.0)  # checkpoints between evaluations
+    saved = iteration
 
     evaluated = training.evaluated
     bar = tqdm(total=config.iterations, initial=iteration, desc=config.name, disable=not config.progress,
                mininterval=5)
     while iteration < config.iterations:
         start = time.perf_counter()
-        sums: dict[str, torch.Tensor] = {}
-        for _ in range(config.eval_every):
+        stop = min(_next_multiple(iteration, config.eval_every), _next_multiple(iteration, config.checkpoint_every))
+        for _ in range(stop - iteration):
             for name, value in training.iteration(iteration).items():
                 sums[name] = sums.get(name, 0) + value
             iteration += 1
             bar.update()
-        means = {name: (value / config.eval_every).item() for name, value in sums.items()}
-        if not all(map(math.isfinite, means.values())):
-            kept = f"the checkpoint of iteration {rows[-1]['iteration']} is intact" if rows else "none was written"
-            raise NonFiniteLossError(f"{config.name}, iterations up to {iteration}: non-finite loss {means}; {kept}. "
+        if not all(math.isfinite(value.item()) for value in sums.values()):
+            kept = f"the checkpoint of iteration {saved} is intact" if saved else "none was written"
+            raise NonFiniteLossError(f"{config.name}, iterations up to {iteration}: non-finite loss "
+                                     f"{ {name: value.item() for name, value in sums.items()} }; {kept}. "
                                      f"Lower the learning rates.")
-        evaluated.eval()
-        score = fid(generate(evaluated, len(test_data.labels), 500, config.seed + 1, device))
-        save_image(next(generate(evaluated, 10 * num_classes, 10 * num_classes, config.seed + 2, device)).float() / 255,
-                   run_dir / "samples.png", nrow=num_classes)
-        seconds = time.perf_counter() - start
-        elapsed += seconds
-        rows.append({"iteration": iteration, **means, "fid": score, "seconds": seconds})
-        write_atomic(run_dir / "metrics.csv", lambda partial: pd.DataFrame(rows).to_csv(partial, index=False))
+        if iteration % config.eval_every == 0:
+            means = {name: (value / config.eval_every).item() for name, value in sums.items()}
+            evaluated.eval()
+            score = fid(generate(evaluated, len(test_data.labels), 500, config.seed + 1, device))
+            save_image(next(generate(evaluated, 10 * num_classes, 10 * num_classes, config.seed + 2, device)).float()
+                       / 255, run_dir / "samples.png", nrow=num_classes)
+            seconds += time.perf_counter() - start
+            elapsed += seconds
+            rows.append({"iteration": iteration, **means, "fid": score, "seconds": seconds})
+            write_atomic(run_dir / "metrics.csv", lambda partial: pd.DataFrame(rows).to_csv(partial, index=False))
+            sums, seconds = {}, 0.0
+        else:
+            seconds += time.perf_counter() - start
         save_atomic({"iteration": iteration, "config": asdict(config), **training.state_dict(),
-                     "rng": rng_state(device), "metrics": rows, "elapsed": elapsed}, checkpoint_path)
+                     "rng": rng_state(device), "metrics": rows, "elapsed": elapsed, "sums": sums, "seconds": seconds},
+                    checkpoint_path)
+        saved = iteration
         if stop_after_iteration is not None and iteration >= stop_after_iteration and iteration < config.iterations:
             bar.close()
             return {"stopped_after_iteration": iteration}
@@ -373,6 +386,11 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
                  "z_dim": config.z_dim, "channels_last": config.channels_last}, run_dir / "generator.pt")
     save_json_atomic(summary, run_dir / "summary.json")
     return json.loads(json.dumps(summary))
+
+
+def _next_multiple(count: int, step: int) -> int:
+    """The smallest multiple of ``step`` above ``count``."""
+    return (count // step + 1) * step
 
 
 def _spread_embedding(config: GANConfig, fid_embedding: ImageEmbedding | None, teacher: ImageEmbedding | None,

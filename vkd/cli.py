@@ -125,16 +125,16 @@ def _command(args) -> int:
     if args.command in ("run", "reproduce"):
         from .notebooks import NotebookError, list_notebooks, prepared_run, run_as_script, run_notebook
 
+        overrides = _parse_overrides(args.parameter)
         try:
             names = [args.notebook] if args.command == "run" else list_notebooks()
             for name in names:  # every notebook's parameters are checked before the first one runs
-                prepared_run(name, args.profile, _parse_overrides(args.parameter), args.params_file)
+                prepared_run(name, args.profile, overrides, args.params_file)
             for name in names:
                 if args.as_script:
-                    run_as_script(name, args.profile, _parse_overrides(args.parameter), args.params_file)
+                    run_as_script(name, args.profile, overrides, args.params_file)
                 else:
-                    run_notebook(name, args.profile, _parse_overrides(args.parameter), args.params_file,
-                                 args.output_dir, args.log_output)
+                    run_notebook(name, args.profile, overrides, args.params_file, args.output_dir, args.log_output)
         except NotebookError as error:
             return _refused(error, 1)
         return 0

@@ -21,8 +21,9 @@
 # the projector cannot learn a representation of its own.
 #
 # The paper parametrises P as the first d_s columns of matrix_exp of a d_t × d_t skew matrix, which
-# costs O(d_t³) per step. `vkd` adds exact parametrisations whose cost grows like d_t·d_s²; this
-# notebook measures all of them against `nn.Linear`.
+# costs O(d_t³) per step; `vkd` computes the same columns by the exponential's action on them,
+# O(d_t²·d_s) (`vkd.projectors.expm_columns`), and adds exact parametrisations whose cost grows like
+# d_t·d_s²; this notebook measures all of them against `nn.Linear`.
 
 # %% tags=["parameters"]
 profile: str = "quick"  # smoke / quick / full: which profile filled these values
@@ -33,7 +34,7 @@ gram_teacher_dim: int = 768  # d_t of the Gram-matrix demonstration
 student_dims: list = [192, 384]  # d_s values of the cost sweep
 teacher_dims: list = [256, 768, 1536, 3024]  # d_t values of the cost sweep
 methods: list = ["stiefel", "cayley", "householder", "exp"]  # orthogonal methods to time
-max_exp_dim: int = 3024  # skip "exp"/"householder" above this d_t (each 3024 step takes seconds)
+max_exp_dim: int = 3024  # skip "exp"/"householder" above this d_t (each 3024 step takes seconds on a CPU)
 batch: int = 256  # batch size of the cost sweep
 reps: int = 15  # timed repetitions per measurement (medians are reported)
 seed: int = 0  # random seed
@@ -117,9 +118,10 @@ grid.savefig(out / "00_projector_cost.png", dpi=120, bbox_inches="tight")
 # * The orthogonal projector leaves the Gram matrix unchanged to float32 rounding; a linear
 #   projector does not, so it can re-weight the relations the student passes to the teacher.
 # * All orthogonal methods reach max|PᵀP − I| ≈ 1e-7 (CSV column `orthogonality_error`).
-# * `"exp"` (the paper; evaluated in float64 here for exactness) and `"householder"` (the released
-#   code) grow steeply with d_t -- seconds per step at d_t = 3024; `"stiefel"` stays within about 2x
-#   of `nn.Linear` at d_s = 192 (see the ratio table and `python -m vkd bench projectors`).
+# * `"exp"` (the paper, evaluated in float64 for exactness: a d_t² matrix times d_s columns, about
+#   23 times at initialisation) and `"householder"` (the released code) grow steeply with d_t --
+#   seconds per step at d_t = 3024; `"stiefel"` stays within about 2x of `nn.Linear` at d_s = 192
+#   (see the ratio table and `python -m vkd bench projectors`).
 
 # %%
 print(cost.loc[cost.teacher_dim == max(teacher_dims), ["method", "student_dim", "ms", "ratio_to_linear",

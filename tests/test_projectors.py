@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import vkd
-from vkd.projectors import ORTHOGONAL_METHODS, OrthogonalProjector
+from vkd.projectors import ORTHOGONAL_METHODS, OrthogonalProjector, expm_columns
 
 # "exp" forms a d_t x d_t matrix exponential and "householder" a d_s-step reflection product with a
 # slow backward: both run at the smaller sizes to keep the suite fast.
@@ -80,6 +80,52 @@ def test_exp_is_paper_recipe():
     p = vkd.OrthogonalProjector(8, 20, method="exp")
     a = p.free.detach()
     torch.testing.assert_close(p.weight.detach(), torch.linalg.matrix_exp(a - a.T)[:, :8])
+
+
+def _paper_skew(n: int, scale: float) -> torch.Tensor:
+    """A - Aᵀ of the "exp" projector's free matrix at its init, times ``scale`` (training grows it), float64."""
+    free = torch.empty(n, n)
+    nn.init.kaiming_uniform_(free, a=5**0.5)
+    return (scale * free).double()
+
+
+@pytest.mark.parametrize("n,cols,scale", [(128, 32, 1.0), (96, 96, 3.0), (160, 24, 20.0)])
+def test_expm_columns_equals_matrix_exp_and_its_gradient(n, cols, scale, monkeypatch):
+    """The Taylor action (one scaling step at init, several at scale 20: ‖S‖₂ ≈ 30) against torch's full
+    exponential, values and gradients, in float64."""
+    torch.manual_seed(0)
+    free = _paper_skew(n, scale).requires_grad_()
+    weights = torch.randn(n, cols, dtype=torch.float64)
+    reference = torch.linalg.matrix_exp(free - free.mT)[:, :cols]
+    (reference_grad,) = torch.autograd.grad((reference * weights).sum(), free)
+
+    def refuse(_):
+        raise AssertionError("expm_columns fell back to the full exponential")
+
+    monkeypatch.setattr(torch.linalg, "matrix_exp", refuse)
+    state = torch.get_rng_state()
+    columns = expm_columns(free - free.mT, cols)
+    assert torch.equal(torch.get_rng_state(), state)  # the norm estimate draws from its own generator
+    torch.testing.assert_close(columns, reference, atol=1e-12, rtol=0)
+    (grad,) = torch.autograd.grad((columns * weights).sum(), free)
+    torch.testing.assert_close(grad, reference_grad, atol=1e-10, rtol=1e-10)
+
+
+def test_expm_columns_falls_back_where_the_series_costs_more(monkeypatch):
+    torch.manual_seed(0)
+    skew = _paper_skew(64, 200.0)  # ‖S‖₂ ≈ 300: dozens of scaling steps
+    calls = []
+    full = torch.linalg.matrix_exp
+    monkeypatch.setattr(torch.linalg, "matrix_exp", lambda m: calls.append(m.shape) or full(m))
+    torch.testing.assert_close(expm_columns(skew, 32), full(skew)[:, :32], atol=0, rtol=0)
+    assert calls == [(64, 64)]
+
+
+def test_expm_columns_refuses_bad_shapes():
+    with pytest.raises(ValueError, match=r"square \(n x n\) matrix and 1 <= cols <= n, got shape \(4, 5\)"):
+        expm_columns(torch.zeros(4, 5), 2)
+    with pytest.raises(ValueError, match="cols=5"):
+        expm_columns(torch.zeros(4, 4), 5)
 
 
 def test_gradients_match_finite_differences():

@@ -42,6 +42,7 @@ from . import data as vdata
 from .distillers import Distiller, MethodConfig
 from .models import check_model_names
 from .paths import portable, progress_default, project_root, resolve, save_atomic, save_json_atomic, write_atomic
+from .projectors import OrthogonalProjector
 from .settings import wrong_types
 
 
@@ -187,7 +188,7 @@ class TrainConfig(RunConfig):
     compile: bool | str = False  # torch.compile the training forward (student, teacher, losses): True, or a mode
     # of torch.compile ("reduce-overhead": CUDA graphs, for small models whose steps are launch-bound on a GPU)
     cuda_graph: bool = False  # replay the whole step (forward, backward, SGD update, retraction) as one CUDA graph
-    # (CapturedStep; one process, SGD; with compile true or false, not a CUDA-graph mode of it)
+    # (CapturedStep; one process, SGD, no "exp" projector; with compile true or false, not a CUDA-graph mode of it)
     progress: bool = field(default_factory=progress_default)  # tqdm bars
 
     def __post_init__(self):
@@ -662,8 +663,10 @@ def mixed_precision(device: torch.device, enabled: bool = True, captured: bool =
                           cache_enabled=not captured)
 
 
-def check_cuda_graph(compile: bool | str, optimizer: str, processes: int = 1) -> None:
-    """Refuse the settings that a captured step (``cuda_graph``) cannot run with, saying why."""
+def check_cuda_graph(compile: bool | str, optimizer: str, processes: int = 1,
+                     distiller: nn.Module | None = None) -> None:
+    """Refuse the settings (and the ``distiller``'s modules) that a captured step (``cuda_graph``) cannot run
+    with, saying why."""
     if processes > 1:
         raise ValueError(f"cuda_graph captures one process's step; this run has {processes} processes")
     if compile in ("reduce-overhead", "max-autotune"):
@@ -672,6 +675,11 @@ def check_cuda_graph(compile: bool | str, optimizer: str, processes: int = 1) ->
     if get_optimizer_class(optimizer, bind_defaults=False) is not torch.optim.SGD:
         raise ValueError(f"cuda_graph supports SGD (optimizer sgd, momentum or nesterov), got {optimizer!r}: "
                          "another optimizer's step count would be frozen into the graph")
+    if distiller is not None and any(isinstance(m, OrthogonalProjector) and m.method == "exp"
+                                     for m in distiller.modules()):
+        raise ValueError('cuda_graph cannot capture the "exp" orthogonal projector, which sizes its Taylor series '
+                         'from the data every step (a host sync): use vkd_method "stiefel" (exact, the same '
+                         'manifold) or cuda_graph false')
 
 
 def _record_cuda_graph(step: Callable[[], None], warmup: int) -> Callable[[], None]:
@@ -877,7 +885,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
     if cache is not None and start_epoch:
         cache.refill(start_epoch, train_loader, distiller, prepare, autocast)
     if config.cuda_graph:
-        check_cuda_graph(config.compile, config.optimizer, processes.world)
+        check_cuda_graph(config.compile, config.optimizer, processes.world, distiller)
         training_step = captured_training_step(training_step, distiller, optimizer, device,
                                                lambda: [*sums.values(), correct])
 

@@ -228,3 +228,20 @@ def test_stiefel_projector_compiled_under_bf16_autocast_has_the_eager_gradients(
     loss.backward()
     torch.testing.assert_close(compiled_x.grad, eager_grads[0])
     torch.testing.assert_close(projector.free.grad, eager_grads[1])
+
+
+def test_exp_projector_compiles_to_the_eager_result_without_graph_break_warnings(caplog):
+    # expm_columns sizes its series on the host (.item()): compiled, it runs eagerly between two graphs
+    torch.manual_seed(0)
+    projector = OrthogonalProjector(8, 24, method="exp")
+    x = torch.randn(4, 8)
+    projector(x).square().sum().backward()
+    eager_grad = projector.free.grad.clone()
+    projector.zero_grad()
+    torch._dynamo.reset()
+    with caplog.at_level("WARNING"):
+        loss = torch.compile(lambda v: projector(v).square().sum(), backend="aot_eager")(x)
+    loss.backward()
+    assert "Graph break" not in caplog.text
+    torch.testing.assert_close(loss, projector(x).square().sum())
+    torch.testing.assert_close(projector.free.grad, eager_grad)

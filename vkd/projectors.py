@@ -82,6 +82,7 @@ def _taylor_plan(norm: float, unit_roundoff: float, max_step_norm: float = 10.0)
     return steps, terms
 
 
+@torch.compiler.disable  # sizes its series on the host: torch.compile runs it eagerly, between two graphs
 def expm_columns(skew: torch.Tensor, cols: int) -> torch.Tensor:
     """matrix_exp(skew)[:, :cols] for a skew-symmetric (n x n) ``skew``, differentiable, as exact as matrix_exp.
 

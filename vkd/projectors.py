@@ -31,6 +31,11 @@ drift along those directions, which slowly worsens the conditioning of WᵀW and
 float32 rounding of P.  ``retract_(module)`` resets every orthogonal projector in ``module`` to the
 canonical representative of the same P (W ← P; X₀ ← P, C ← 0) -- the outputs do not change.  The
 vkd engine calls it after every optimiser step; call it likewise in your own loop.
+
+``"householder"`` needs it too where the optimiser decays weights: torch's map multiplies P's columns by
+the diagonal of its parameter (±1, not learnt) cast with ``.int()``, so one step of weight decay
+(-1 → -0.99997) truncates it to 0 and P to zero -- the VkD term then no longer depends on the student.
+``retract_`` puts the diagonal back to its signs.
 """
 
 from __future__ import annotations
@@ -277,7 +282,8 @@ class OrthogonalProjector(nn.Module):
 def retract_(module: nn.Module) -> None:
     """Re-express every orthogonal projector inside ``module`` by its canonical free parameters.
 
-    P, and so every output, is unchanged; only the redundant directions are reset (see module doc)."""
+    P, and so every output, is unchanged; only the redundant directions are reset (see module doc), and
+    for ``"householder"`` the ±1 diagonal of torch's parameter, which weight decay shrinks (see module doc)."""
     for sub in module.modules():
         if isinstance(sub, OrthogonalProjector) and sub.method in ("stiefel", "cayley"):
             weight = sub.weight.to(sub.free.dtype)
@@ -286,6 +292,9 @@ def retract_(module: nn.Module) -> None:
             else:
                 sub.base.copy_(weight)
                 sub.free.zero_()
+        elif isinstance(sub, OrthogonalProjector) and sub.method == "householder":
+            signs = sub.householder.parametrizations.weight.original.diagonal()
+            signs.copy_(signs.sign())
 
 
 def check_projector(kind: str, method: str | None = None) -> None:

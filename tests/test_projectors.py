@@ -121,6 +121,13 @@ def test_expm_columns_falls_back_where_the_series_costs_more(monkeypatch):
     assert calls == [(64, 64)]
 
 
+def test_expm_columns_of_a_non_finite_matrix_is_non_finite():
+    # as matrix_exp's: the engine then stops on the non-finite loss with its own message
+    skew = torch.zeros(6, 6, dtype=torch.float64)
+    skew[0, 1], skew[1, 0] = float("nan"), float("nan")
+    assert expm_columns(skew, 3).isnan().any()
+
+
 def test_expm_columns_refuses_bad_shapes():
     with pytest.raises(ValueError, match=r"square \(n x n\) matrix and 1 <= cols <= n, got shape \(4, 5\)"):
         expm_columns(torch.zeros(4, 5), 2)

@@ -103,6 +103,8 @@ def expm_columns(skew: torch.Tensor, cols: int) -> torch.Tensor:
                          f"{tuple(skew.shape)} and cols={cols}")
     with torch.no_grad():
         norm = 1.25 * spectral_norm_estimate(skew.detach()).item()
+    if not math.isfinite(norm):  # a non-finite matrix gives non-finite columns, as matrix_exp does
+        return torch.linalg.matrix_exp(skew)[:, :cols]
     unit_roundoff = torch.finfo(skew.dtype).eps / 2
     steps, terms = _taylor_plan(norm, unit_roundoff)
     if steps * terms * cols > 40 * n:  # CPU, float64, forward+backward: the two cost the same at ~40-45 n

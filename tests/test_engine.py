@@ -242,6 +242,14 @@ def test_a_captured_step_refuses_what_it_cannot_capture(data_root, tmp_path, cha
         train(config(data_root, tmp_path, epochs=1, cuda_graph=True, **changes))
 
 
+def test_a_captured_step_refuses_the_exp_projector(data_root, tmp_path):
+    teacher = tmp_path / "runs/teacher/model.pt"
+    train(config(data_root, tmp_path, name="teacher", epochs=1))
+    with pytest.raises(ValueError, match='cannot capture the "exp" orthogonal projector'):
+        train(config(data_root, tmp_path, epochs=1, cuda_graph=True, method="vkd", teacher="resnet8",
+                     teacher_checkpoint=str(teacher), method_options={"vkd_method": "exp"}))
+
+
 def test_on_a_gpu_the_optimizer_steps_fused_and_as_the_unfused_one():
     torch.manual_seed(0)
     weights = [torch.randn(5, 3), torch.randn(3)]

@@ -82,11 +82,9 @@ def test_exp_is_paper_recipe():
     torch.testing.assert_close(p.weight.detach(), torch.linalg.matrix_exp(a - a.T)[:, :8])
 
 
-def _paper_skew(n: int, scale: float) -> torch.Tensor:
-    """A - Aᵀ of the "exp" projector's free matrix at its init, times ``scale`` (training grows it), float64."""
-    free = torch.empty(n, n)
-    nn.init.kaiming_uniform_(free, a=5**0.5)
-    return (scale * free).double()
+def _paper_free(n: int, scale: float) -> torch.Tensor:
+    """The "exp" projector's free n x n matrix A at its init, times ``scale`` (training grows it), float64."""
+    return (scale * OrthogonalProjector(1, n, method="exp").free.detach()).double()
 
 
 @pytest.mark.parametrize("n,cols,scale", [(128, 32, 1.0), (96, 96, 3.0), (160, 24, 20.0)])
@@ -94,7 +92,7 @@ def test_expm_columns_equals_matrix_exp_and_its_gradient(n, cols, scale, monkeyp
     """The Taylor action (one scaling step at init, several at scale 20: ‖S‖₂ ≈ 30) against torch's full
     exponential, values and gradients, in float64."""
     torch.manual_seed(0)
-    free = _paper_skew(n, scale).requires_grad_()
+    free = _paper_free(n, scale).requires_grad_()
     weights = torch.randn(n, cols, dtype=torch.float64)
     reference = torch.linalg.matrix_exp(free - free.mT)[:, :cols]
     (reference_grad,) = torch.autograd.grad((reference * weights).sum(), free)
@@ -113,7 +111,8 @@ def test_expm_columns_equals_matrix_exp_and_its_gradient(n, cols, scale, monkeyp
 
 def test_expm_columns_falls_back_where_the_series_costs_more(monkeypatch):
     torch.manual_seed(0)
-    skew = _paper_skew(64, 200.0)  # ‖S‖₂ ≈ 300: dozens of scaling steps
+    free = _paper_free(64, 200.0)  # ‖A - Aᵀ‖₂ ≈ 300: dozens of scaling steps
+    skew = free - free.mT
     calls = []
     full = torch.linalg.matrix_exp
     monkeypatch.setattr(torch.linalg, "matrix_exp", lambda m: calls.append(m.shape) or full(m))

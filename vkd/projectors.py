@@ -74,8 +74,8 @@ def _taylor_plan(norm: float, unit_roundoff: float, max_step_norm: float = 10.0)
     """(scaling steps s, Taylor terms m) for exp(S)·E = (exp(S/s))^s·E with ‖S‖₂ <= ``norm``: the fewest
     products s·m whose truncation error r^(m+1)/(m+1)! per step (r = norm/s, S normal) is below
     ``unit_roundoff``.  ``max_step_norm`` caps r, and with it the largest term (~e^r) and its rounding."""
-    plans = []
-    for steps in range(max(1, math.ceil(norm / max_step_norm)), math.ceil(norm / max_step_norm) + 8):
+    plans, fewest_steps = [], max(1, math.ceil(norm / max_step_norm))
+    for steps in range(fewest_steps, fewest_steps + 8):
         r, terms, bound = norm / steps, 0, 1.0
         while True:
             terms += 1
@@ -287,14 +287,14 @@ def retract_(module: nn.Module) -> None:
     P, and so every output, is unchanged; only the redundant directions are reset (see module doc), and
     for ``"householder"`` the ±1 diagonal of torch's parameter, which weight decay shrinks (see module doc)."""
     for sub in module.modules():
-        if isinstance(sub, OrthogonalProjector) and sub.method in ("stiefel", "cayley"):
-            weight = sub.weight.to(sub.free.dtype)
-            if sub.method == "stiefel":
-                sub.free.copy_(weight)
-            else:
-                sub.base.copy_(weight)
-                sub.free.zero_()
-        elif isinstance(sub, OrthogonalProjector) and sub.method == "householder":
+        if not isinstance(sub, OrthogonalProjector):
+            continue
+        if sub.method == "stiefel":
+            sub.free.copy_(sub.weight.to(sub.free.dtype))
+        elif sub.method == "cayley":
+            sub.base.copy_(sub.weight.to(sub.free.dtype))
+            sub.free.zero_()
+        elif sub.method == "householder":
             signs = sub.householder.parametrizations.weight.original.diagonal()
             signs.copy_(signs.sign())
 

@@ -46,6 +46,7 @@ import seaborn as sns
 import torch
 
 import vkd
+from vkd import analysis
 from vkd.bench import bench_projectors
 from vkd.engine import device_description, git_revision
 from vkd.paths import output_dir
@@ -114,6 +115,24 @@ grid.figure.suptitle(f"Projector cost, batch {batch}, CPU ({torch.get_num_thread
 grid.savefig(out / "00_projector_cost.png", dpi=120, bbox_inches="tight")
 
 # %% [markdown]
+# ## 3. The same P, different steps
+# Every method spans the same set of P, but one gradient step at learning rate lr moves P by a different
+# multiple ("gain") of the gradient on the manifold, R = G − P·sym(PᵀG), for the same dL/dP = G
+# (`vkd.analysis.projector_step`, one random G per shape, P as each method initialises it): for a square P
+# `"stiefel"` moves it by exactly 2·lr·R and `"cayley"` by 4·lr·R -- at one learning rate the
+# parametrisations train the projector at different speeds.
+
+# %%
+step_shapes = [(gram_student_dim, gram_student_dim), (gram_student_dim, gram_teacher_dim)]
+steps = pd.DataFrame([
+    {"student_dim": d_s, "teacher_dim": d_t, "method": method,
+     **analysis.projector_step(vkd.OrthogonalProjector(d_s, d_t, method), torch.randn(d_t, d_s))}
+    for d_s, d_t in step_shapes for method in methods
+]).assign(seed=seed, git=git_revision())
+steps.to_csv(out / "00_projector_step.csv", index=False)
+steps.pivot_table(index=["student_dim", "teacher_dim"], columns="method", values=["gain", "alignment"]).round(3)
+
+# %% [markdown]
 # ## What this shows
 # * The orthogonal projector leaves the Gram matrix unchanged to float32 rounding; a linear
 #   projector does not, so it can re-weight the relations the student passes to the teacher.
@@ -122,6 +141,8 @@ grid.savefig(out / "00_projector_cost.png", dpi=120, bbox_inches="tight")
 #   23 times at initialisation) and `"householder"` (the released code) grow steeply with d_t --
 #   seconds per step at d_t = 3024; `"stiefel"` stays within about 2x of `nn.Linear` at d_s = 192
 #   (see the ratio table and `python -m vkd bench projectors`).
+# * Exact parametrisations are not interchangeable at a fixed learning rate: the step they take on P differs
+#   by the factors in the last table (the quick CIFAR runs of notebook 01 compare them in accuracy).
 
 # %%
 print(cost.loc[cost.teacher_dim == max(teacher_dims), ["method", "student_dim", "ms", "ratio_to_linear",

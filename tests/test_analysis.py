@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from vkd import analysis
+from vkd.projectors import OrthogonalProjector
 
 
 def test_singular_values_and_effective_rank_of_known_matrices():
@@ -95,6 +96,27 @@ def test_knn_accuracy_by_hand_and_under_an_orthogonal_projection():
     assert analysis.knn_accuracy(3 * features @ projection.T, labels) == pytest.approx(accuracy)
     with pytest.raises(ValueError, match="k must be"):
         analysis.knn_accuracy(features[:4], labels[:4], k=4)
+
+
+def test_projector_step_equals_the_first_order_step_of_each_parametrisation():
+    torch.manual_seed(0)
+    square = torch.randn(16, 16, dtype=torch.float64)
+    # a square P has no normal part: QR moves it by 2·lr·R, the Cayley map by 4·lr·R
+    for method, gain in [("stiefel", 2.0), ("cayley", 4.0)]:
+        step = analysis.projector_step(OrthogonalProjector(16, 16, method), square)
+        assert step["gain"] == pytest.approx(gain, rel=1e-5) and step["alignment"] == pytest.approx(1, abs=1e-9)
+    # 8 -> 32, by hand: the QR step is (I - PPᵀ)G + 2·P·skew(PᵀG), the manifold gradient (I - PPᵀ)G + P·skew(PᵀG)
+    projector, g = OrthogonalProjector(8, 32), torch.randn(32, 8, dtype=torch.float64)
+    p = projector.weight.detach().double()
+    skew, normal = (p.T @ g - g.T @ p) / 2, g - p @ (p.T @ g)
+    step, riemannian = normal + 2 * p @ skew, normal + p @ skew
+    measured = analysis.projector_step(projector, g)
+    assert measured["gain"] == pytest.approx((step.norm() / riemannian.norm()).item(), rel=1e-5)
+    assert measured["alignment"] == pytest.approx(((step * riemannian).sum() / step.norm() / riemannian.norm()).item(),
+                                                  rel=1e-6)
+    assert projector.weight.detach().double().equal(p)  # measured on a copy
+    with pytest.raises(ValueError, match=r"expected a gradient of P's shape \(32, 8\), got \(8, 32\)"):
+        analysis.projector_step(projector, g.T)
 
 
 def test_tsne_keeps_separated_clusters_apart_and_is_seeded():

@@ -1,4 +1,5 @@
-"""Analyses of the projector and of the student: singular-value spectra, input-output correlation,
+"""Analyses of the projector and of the student: singular-value spectra, how far a gradient step moves an
+orthogonal projector, input-output correlation,
 linear CKA, nearest-neighbour class separation and t-SNE of feature spaces, loss surfaces along random
 filter-normalised directions, attention maps and rollout, translational equivariance.
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from .extras import optional_import
+from .projectors import OrthogonalProjector, retract_
 
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:
@@ -25,6 +27,32 @@ def effective_rank(values: torch.Tensor) -> float:
     p = values / values.sum()
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+def projector_step(projector: OrthogonalProjector, gradient: torch.Tensor, lr: float = 1e-7) -> dict[str, float]:
+    """How far one plain gradient step (no momentum, no weight decay) on the free parameters moves P.
+
+    ``gradient`` (d_t x d_s) is dL/dP of the loss L = <P, gradient>.  The step is taken in float64 on a copy,
+    from the state ``retract_`` leaves between the engine's steps.  Returns ``gain`` = ‖ΔP‖ / (lr·‖R‖) and
+    ``alignment`` = cos(ΔP, -R), with R = G - P·sym(PᵀG) the gradient on the Stiefel manifold (embedded metric).
+    The parametrisations give the same set of P but not the same steps: for a square P, "stiefel" (QR) moves
+    P by exactly 2·lr·R and "cayley" by 4·lr·R, so at one learning rate they train P at different speeds."""
+    if gradient.shape != (projector.out_dim, projector.in_dim):
+        raise ValueError(f"projector_step: expected a gradient of P's shape ({projector.out_dim}, {projector.in_dim}), "
+                         f"got {tuple(gradient.shape)}")
+    model = copy.deepcopy(projector).double()
+    retract_(model)
+    start, g = model.weight.detach(), gradient.detach().double().to(model.weight.device)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((model.weight * g).sum(), parameters)
+    with torch.no_grad():
+        for parameter, grad in zip(parameters, grads, strict=True):
+            parameter.sub_(lr * grad)
+        step = (model.weight - start) / lr
+    inner = start.mT @ g
+    riemannian = g - start @ ((inner + inner.mT) / 2)
+    return {"gain": float(step.norm() / riemannian.norm()),
+            "alignment": float(-(step * riemannian).sum() / (step.norm() * riemannian.norm()))}
 
 
 def _standardise(x: torch.Tensor) -> torch.Tensor:

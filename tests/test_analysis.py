@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vkd import analysis
-from vkd.projectors import OrthogonalProjector
+from vkd.projectors import LinearProjector, OrthogonalProjector
 
 
 def test_singular_values_and_effective_rank_of_known_matrices():
@@ -117,6 +117,8 @@ def test_projector_step_equals_the_first_order_step_of_each_parametrisation():
     assert projector.weight.detach().double().equal(p)  # measured on a copy
     with pytest.raises(ValueError, match=r"expected a gradient of P's shape \(32, 8\), got \(8, 32\)"):
         analysis.projector_step(projector, g.T)
+    with pytest.raises(TypeError, match="an OrthogonalProjector's step on the Stiefel manifold, got LinearProjector"):
+        analysis.projector_step(LinearProjector(8, 32), g)
 
 
 def test_tsne_keeps_separated_clusters_apart_and_is_seeded():

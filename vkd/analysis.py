@@ -37,6 +37,9 @@ def projector_step(projector: OrthogonalProjector, gradient: torch.Tensor, lr: f
     ``alignment`` = cos(ΔP, -R), with R = G - P·sym(PᵀG) the gradient on the Stiefel manifold (embedded metric).
     The parametrisations give the same set of P but not the same steps: for a square P, "stiefel" (QR) moves
     P by exactly 2·lr·R and "cayley" by 4·lr·R, so at one learning rate they train P at different speeds."""
+    if not isinstance(projector, OrthogonalProjector):
+        raise TypeError(f"projector_step measures an OrthogonalProjector's step on the Stiefel manifold, got "
+                        f"{type(projector).__name__}")
     if gradient.shape != (projector.out_dim, projector.in_dim):
         raise ValueError(f"projector_step: expected a gradient of P's shape ({projector.out_dim}, {projector.in_dim}), "
                          f"got {tuple(gradient.shape)}")

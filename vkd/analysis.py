@@ -45,7 +45,8 @@ def projector_step(projector: OrthogonalProjector, gradient: torch.Tensor, lr: f
                          f"got {tuple(gradient.shape)}")
     model = copy.deepcopy(projector).double()
     retract_(model)
-    start, g = model.weight.detach(), gradient.detach().double().to(model.weight.device)
+    start = model.weight.detach()
+    g = gradient.detach().to(start)
     parameters = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad((model.weight * g).sum(), parameters)
     with torch.no_grad():

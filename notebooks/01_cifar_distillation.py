@@ -43,8 +43,8 @@ teacher_epochs: int = 240  # epochs when the teacher is trained here
 teacher_batch_size: int = 0  # batch size when the teacher is trained here; 0: batch_size
 teacher_lr: float = 0.0  # learning rate when the teacher is trained here; 0: lr
 student: str = "resnet8"  # student architecture (timm name); full: resnet8x4
-methods: list = ["ce", "kd", "fitnet", "dkd", "srd", "vkd", "srd+dkd"]  # vkd.distillers.METHODS
-method_options: dict = {}  # per method, MethodConfig overrides, e.g. {"vkd": {"vkd_weight": 50}}
+methods: list = ["ce", "kd", "fitnet", "dkd", "srd", "vkd", "srd+dkd"]  # METHODS; "srd@x": srd with own method_options
+method_options: dict = {}  # per methods entry, MethodConfig overrides, e.g. {"vkd": {"vkd_weight": 50}}
 epochs: int = 10  # student epochs; full: 240, the recipe
 batch_size: int = 64
 lr: float = 0.05
@@ -63,7 +63,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from vkd.distillers import check_methods
+from vkd.distillers import check_methods, method_of
 from vkd.engine import TrainConfig, train_many, train_teacher
 from vkd.models import check_model_names
 from vkd.paths import output_dir, resolve
@@ -96,19 +96,21 @@ teacher_weights, teacher_summary = train_teacher(teacher, teacher_epochs, teache
 
 # %% [markdown]
 # ## Students
-# One run per method and seed, all distilled from the one teacher above.
+# One run per method (or variant, `"method@label"`) and seed, all distilled from the one teacher above.
 
 # %%
-runs = [(method, seed) for seed in seeds for method in methods]
+runs = [(method, seed) for seed in seeds for method in methods]  # method: a methods entry, maybe a variant
+alone = {method: method_of(method) == "ce" for method in methods}
 configs = [TrainConfig(
-    student=student, method=method, epochs=epochs, teacher=None if method == "ce" else teacher,
-    teacher_checkpoint=None if method == "ce" else teacher_weights, teacher_sha256=teacher_sha256 or None,
-    teacher_cache_views=0 if method == "ce" else teacher_cache_views, method_options=method_options.get(method, {}),
+    student=student, method=method_of(method), epochs=epochs, teacher=None if alone[method] else teacher,
+    teacher_checkpoint=None if alone[method] else teacher_weights, teacher_sha256=teacher_sha256 or None,
+    teacher_cache_views=0 if alone[method] else teacher_cache_views, method_options=method_options.get(method, {}),
     **{**common, "seed": seed}).named(f"{method}-{student}")
     for method, seed in runs]
 summaries = dict(zip(runs, train_many(configs, parallel), strict=True))
+width = max(map(len, methods))  # of the printed method names
 for (method, seed), s in summaries.items():
-    print(f"{method:8s} seed {seed}  best {s['best_acc']:6.2f} %  last {s['last_acc']:6.2f} %  "
+    print(f"{method:{width}s} seed {seed}  best {s['best_acc']:6.2f} %  last {s['last_acc']:6.2f} %  "
           f"{s['wall_seconds']:6.0f} s")
 
 # %%
@@ -157,5 +159,5 @@ students = statistics[statistics.method != "teacher"].set_index("method")
 if "gain_mean" in students:
     for method, s in students.iterrows():
         spread = "" if len(seeds) == 1 else f" (mean ± {s.gain_std:.2f} over {s.seeds} seeds)"
-        print(f"{method:8s} {s.gain_mean:+6.2f} points (best top-1) vs the student alone{spread}")
+        print(f"{method:{width}s} {s.gain_mean:+6.2f} points (best top-1) vs the student alone{spread}")
 print(json.dumps(students.best_top1_mean.round(2).to_dict()))

@@ -1,11 +1,14 @@
-"""The Distiller's routing of outputs to loss terms."""
+"""The Distiller's routing of outputs to loss terms; the methods a notebook may list."""
 
+import re
+
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
 import vkd  # noqa: F401  (registers the CIFAR models)
-from vkd.distillers import Distiller, MethodConfig
+from vkd.distillers import Distiller, MethodConfig, check_methods, method_of
 from vkd.losses import KDLoss, VkDLoss
 
 
@@ -29,3 +32,19 @@ def test_distilled_deit_trains_its_class_head_on_labels_and_its_distillation_hea
     torch.testing.assert_close(terms["vkd"], vkd_loss(tokens[:, 2:], t_features))  # mean of the patch tokens
     student.eval()
     torch.testing.assert_close(student(images), (cls_logits + dist_logits) / 2)  # DeiT's inference: mean of heads
+
+
+def test_a_variant_is_its_method_with_its_own_options():
+    assert [method_of(m) for m in ("srd", "srd+dkd", "srd@alpha2", "vkd@w@50")] == ["srd", "srd+dkd", "srd", "vkd"]
+    check_methods(["ce", "srd", "srd@alpha2"], {"srd@alpha2": {"srd_alpha": 2.0}})
+    variant = re.escape("a variant of a method needs a label after '@' and its own method_options")
+    for methods, options in ((["srd", "srd@"], {"srd@": {"srd_alpha": 2.0}}),  # no label
+                             (["srd", "srd@alpha2"], {}), (["srd", "srd@alpha2"], {"srd@alpha2": {}})):  # no options
+        with pytest.raises(ValueError, match=variant):
+            check_methods(methods, options)
+    with pytest.raises(ValueError, match=re.escape("unknown method 'srdx'; expected one of")):
+        check_methods(["srdx@a"], {"srdx@a": {"srd_alpha": 2.0}})
+    with pytest.raises(ValueError, match=re.escape("unknown method option(s) ['srd_alfa']")):
+        check_methods(["srd@a"], {"srd@a": {"srd_alfa": 2.0}})
+    with pytest.raises(ValueError, match=re.escape("method_options names ['srd@b'], not among methods")):
+        check_methods(["srd@a"], {"srd@a": {"srd_alpha": 2.0}, "srd@b": {"srd_alpha": 3.0}})

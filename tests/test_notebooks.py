@@ -1,6 +1,7 @@
 """Every notebook end to end in the smoke profile, and the runner's parameter and failure handling."""
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -147,6 +148,7 @@ def test_the_full_profile_is_refused_where_it_would_train_on_the_cpu_by_default(
     ("seeds", "[1, 1]", "seeds must list one or more distinct seeds, e.g. [0, 1, 2]; got [1, 1]"),
     ("methods", "[ce, vkdx]", "unknown method 'vkdx'; expected one of ('ce', 'kd', 'fitnet', 'dkd'"),
     ("methods", "[kd, kd]", "methods must list one or more distinct methods of ('ce', 'kd'"),
+    ("methods", "[ce, kd@t2]", "methods entry 'kd@t2': a variant of a method needs a label after '@' and its own"),
     ("method_options", "{vkd: {vkd_wieght: 5}}", "unknown method option(s) ['vkd_wieght']; expected some of"),
     ("method_options", "{srd: {srd_weight: 5}}", "method_options names ['srd'], not among methods ['ce', 'kd',"),
     ("student", "resnet9", "unknown model 'resnet9': expected one of vkd's CIFAR models resnet8, resnet20,"),
@@ -160,6 +162,22 @@ def test_notebook_01_refuses_bad_seeds_methods_and_models_before_training(name, 
     assert result.returncode == 1
     assert message in result.stderr
     assert not (tmp_path / "runs").exists()  # refused before any training
+
+
+def test_notebook_01_trains_a_variant_of_a_method_as_its_own_row(tmp_path):
+    if not cifar10_available():
+        pytest.skip("CIFAR-10 (JPEG) not available")
+    figures = tmp_path / "figures"
+    run_as_script("01", "smoke", {"methods": ["ce", "srd", "srd@mse"], "method_options": {"srd@mse": {
+        "srd_distance": "mse"}}, "seeds": [0], "runs_dir": str(tmp_path / "runs"), "figures_dir": str(figures)})
+    results = pd.read_csv(figures / "01_cifar_results.csv", keep_default_na=False).set_index("method")
+    assert list(results.index) == ["teacher", "ce", "srd", "srd@mse"]
+    assert (results.loc["srd", "options"], results.loc["srd@mse", "options"]) == ("", "srd_distance=mse")
+    (plain,), (variant,) = (list((tmp_path / "runs").glob(f"*/{name}-resnet8-*")) for name in ("srd", "srd@mse"))
+    summary = json.loads((variant / "summary.json").read_text())
+    assert summary["method"] == "srd" and summary["config"]["method_options"] == {"srd_distance": "mse"}
+    srd_terms = [pd.read_csv(run / "metrics.csv").train_srd.iloc[0] for run in (plain, variant)]
+    assert srd_terms[1] <= 4 < srd_terms[0]  # an MSE of batch-normed features (at most 4), not a LogSum (log of a sum)
 
 
 def test_failing_cell_is_reported(tmp_path, capfd):

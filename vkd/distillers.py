@@ -96,18 +96,31 @@ class MethodConfig:
         return any([self.kd_weight, self.fitnet_weight, self.dkd_weight, self.srd_weight, self.vkd_weight])
 
 
+def method_of(entry: str) -> str:
+    """The method of a ``methods`` entry: the entry itself (``"srd"``), or for a labelled variant of a method
+    (``"srd@mse"``, trained with its own ``method_options`` next to the plain method) the part before "@"."""
+    return entry.partition("@")[0]
+
+
 def check_methods(methods: list[str], options: dict[str, dict] | None = None) -> None:
-    """Refuse (ValueError), before anything trains, a ``methods`` list that is empty, repeats a method or names
-    one not in METHODS, and ``options`` (method -> MethodConfig overrides) for a method not in ``methods`` or
-    naming a field MethodConfig does not have."""
+    """Refuse (ValueError), before anything trains, a ``methods`` list that is empty, repeats an entry or names
+    a method not in METHODS, a variant ``"method@label"`` without a label or options of its own, and ``options``
+    (entry -> MethodConfig overrides) for an entry not in ``methods`` or naming a field MethodConfig does not
+    have."""
     options = options or {}
     if not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"methods must list one or more distinct methods of {METHODS}; got {methods}")
+        raise ValueError(f"methods must list one or more distinct methods of {METHODS} (or variants "
+                         f"'method@label'); got {methods}")
     stray = sorted(set(options) - set(methods))
     if stray:
         raise ValueError(f"method_options names {stray}, not among methods {methods}")
-    for method in methods:
-        MethodConfig.for_method(method, **options.get(method, {}))
+    for entry in methods:
+        method, variant, label = entry.partition("@")
+        if variant and not (label and options.get(entry)):
+            raise ValueError(f"methods entry {entry!r}: a variant of a method needs a label after '@' and its own "
+                             "method_options, e.g. methods [srd, srd@mse] with method_options "
+                             "{srd@mse: {srd_distance: mse}}")
+        MethodConfig.for_method(method, **options.get(entry, {}))
 
 
 class Distiller(nn.Module):

@@ -216,6 +216,21 @@ def test_unknown_notebook_profile_and_parameters_file(tmp_path):
         run_as_script("00", params_file=tmp_path / "gone.yaml")
 
 
+def test_parameter_files_apply_in_order_then_the_parameters(tmp_path):
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("epochs: 3\nlr: 0.1\nseeds: [0, 1]\n")
+    second.write_text("epochs: 4\n")
+    values = checked_parameters(prepared_run("01", "smoke")[0], "smoke", {"lr": 0.2}, [first, second])
+    assert (values["epochs"], values["lr"], values["seeds"], values["fraction"]) == (4, 0.2, [0, 1], 0.004)
+    second.write_text("bogus_name: 1\n")
+    for files, message in (([second, first], "declares no parameter 'bogus_name'"),  # the CLI reads every -f
+                           ([tmp_path / "gone.yaml", first], f"no parameters file at {tmp_path / 'gone.yaml'}")):
+        options = [item for file in files for item in ("-f", str(file))]
+        result = subprocess.run([sys.executable, "-m", "vkd", "run", "01", "--as-script", *options],
+                                capture_output=True, text=True)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+
+
 def test_missing_dataset_is_explained_not_a_deep_traceback(tmp_path):
     if (project_root() / "data/cifar-100-python").exists():
         pytest.skip("CIFAR-100 is present in data/, so it cannot be missing")

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--profile", default="smoke", choices=("smoke", "quick", "full"))
         sub.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
                          help="override a parameter (VALUE is read as YAML)")
-        sub.add_argument("-f", "--params-file", help="YAML file of parameters, applied after the profile")
+        sub.add_argument("-f", "--params-file", action="append",
+                         help="YAML file of parameters, applied after the profile (repeat: applied in order)")
         sub.add_argument("--output-dir", help="where executed notebooks go (default notebooks/executed)")
         sub.add_argument("--log-output", action="store_true", help="stream the notebook's output")
         sub.add_argument("--as-script", action="store_true",

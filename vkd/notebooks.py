@@ -4,7 +4,8 @@ Notebook sources are jupytext "percent" scripts (``notebooks/NN_name.py``): plai
 JupyterLab opens as notebooks (right click, "Open With > Notebook") and that diff cleanly.  The cell
 tagged ``parameters`` declares each parameter with a type annotation and a trailing comment.
 A profile (``notebooks/profiles/<profile>.yaml``) gives values under ``all:`` and under each
-notebook's stem; a user's ``--params-file`` and ``-p NAME VALUE`` overrides come on top, in that order.
+notebook's stem; a user's ``--params-file`` (one or more, in order) and ``-p NAME VALUE`` overrides come on
+top, in that order.
 The parameters cells hold the quick profile's values, so a notebook run as it stands (Run All in
 JupyterLab) is the quick profile; smoke.yaml and full.yaml list what they change.
 """
@@ -25,6 +26,7 @@ from .paths import PROGRESS_ENV, checkout_path, project_root
 from .settings import fits
 
 PROFILES = ("smoke", "quick", "full")
+ParamsFiles = str | Path | list[str | Path] | None  # parameter files, applied in order
 
 
 class NotebookError(RuntimeError):
@@ -97,15 +99,15 @@ def declared_parameters(name: str | Path) -> dict[str, str]:
 
 
 def checked_parameters(path: Path, profile: str, parameters: dict[str, Any] | None = None,
-                       params_file: str | Path | None = None) -> dict[str, Any]:
-    """The values a run of notebook ``path`` gets: the profile's, then ``params_file``'s, then ``parameters``.
-    A name the notebook does not declare, or a value not of its declared type, is refused (NotebookError)
-    before anything runs."""
+                       params_file: ParamsFiles = None) -> dict[str, Any]:
+    """The values a run of notebook ``path`` gets: the profile's, then those of ``params_file`` (one file or a
+    list, later files overriding earlier ones), then ``parameters``.  A name the notebook does not declare, or a
+    value not of its declared type, is refused (NotebookError) before anything runs."""
     values = load_profile(profile, path.stem)
-    if params_file is not None:
-        if not Path(params_file).is_file():
-            raise NotebookError(f"no parameters file at {params_file}")
-        values.update(yaml.safe_load(Path(params_file).read_text()) or {})
+    for file in [params_file] if isinstance(params_file, (str, Path)) else params_file or []:
+        if not Path(file).is_file():
+            raise NotebookError(f"no parameters file at {file}")
+        values.update(yaml.safe_load(Path(file).read_text()) or {})
     values.update(parameters or {})
     declared = _declared_types(_split_at_parameters(path)[1])
     unknown = sorted(set(values) - set(declared))
@@ -132,7 +134,7 @@ def _kernel_options() -> dict[str, Any]:
 
 
 def prepared_run(name: str | Path, profile: str, parameters: dict[str, Any] | None = None,
-                 params_file: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+                 params_file: ParamsFiles = None) -> tuple[Path, dict[str, Any]]:
     """The notebook's path and the values a run of it gets (:func:`checked_parameters`), refused as both runners
     refuse them -- and the ``full`` profile, the papers' GPU schedules, where torch sees no GPU and the notebook's
     ``device`` is left at ``auto``: it would train on the CPU for days.  ``-p device cpu`` insists."""
@@ -152,7 +154,7 @@ def run_notebook(
     name: str | Path,
     profile: str = "smoke",
     parameters: dict[str, Any] | None = None,
-    params_file: str | Path | None = None,
+    params_file: ParamsFiles = None,
     output_dir: str | Path | None = None,
     log_output: bool = False,
 ) -> Path:
@@ -206,7 +208,7 @@ def run_as_script(
     name: str | Path,
     profile: str = "smoke",
     parameters: dict[str, Any] | None = None,
-    params_file: str | Path | None = None,
+    params_file: ParamsFiles = None,
 ) -> None:
     """Execute a notebook's source as a plain Python script, with the same parameters as :func:`run_notebook`.
 

@@ -48,3 +48,6 @@ def test_a_variant_is_its_method_with_its_own_options():
         check_methods(["srd@a"], {"srd@a": {"srd_alfa": 2.0}})
     with pytest.raises(ValueError, match=re.escape("method_options names ['srd@b'], not among methods")):
         check_methods(["srd@a"], {"srd@a": {"srd_alpha": 2.0}, "srd@b": {"srd_alpha": 3.0}})
+    check_methods(["ce", "srd"])  # a caller without per-entry options (notebook 04) ...
+    with pytest.raises(ValueError, match=re.escape("'srd@a': this notebook takes no method_options")):
+        check_methods(["srd", "srd@a"])  # ... refuses every variant

@@ -171,6 +171,15 @@ def test_notebook_01_refuses_bad_seeds_methods_and_models_before_training(name, 
     assert not (tmp_path / "runs").exists()  # refused before any training
 
 
+def test_notebook_04_refuses_a_variant_of_a_method_it_has_no_options_for(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "vkd", "run", "04", "--as-script", "-p", "methods", "[ce, kd@t2]",
+                             "-p", "runs_dir", str(tmp_path / "runs"), "-p", "teachers_dir", str(tmp_path / "teachers"),
+                             "-p", "figures_dir", str(tmp_path / "figures")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "methods entry 'kd@t2': this notebook takes no method_options" in result.stderr
+    assert not (tmp_path / "teachers").exists()  # refused before the teacher trained
+
+
 def test_notebook_01_trains_a_variant_of_a_method_as_its_own_row(tmp_path):
     require_cifar10()
     figures = tmp_path / "figures"

@@ -106,21 +106,23 @@ def check_methods(methods: list[str], options: dict[str, dict] | None = None) ->
     """Refuse (ValueError), before anything trains, a ``methods`` list that is empty, repeats an entry or names
     a method not in METHODS, a variant ``"method@label"`` without a label or options of its own, and ``options``
     (entry -> MethodConfig overrides) for an entry not in ``methods`` or naming a field MethodConfig does not
-    have."""
-    options = options or {}
+    have. ``options=None`` says the caller takes no per-entry options, so it refuses every variant."""
     if not methods or len(set(methods)) != len(methods):
         raise ValueError(f"methods must list one or more distinct methods of {METHODS} (or variants "
                          f"'method@label'); got {methods}")
-    stray = sorted(set(options) - set(methods))
+    stray = sorted(set(options or {}) - set(methods))
     if stray:
         raise ValueError(f"method_options names {stray}, not among methods {methods}")
     for entry in methods:
-        method, variant, label = entry.partition("@")
-        if variant and not (label and options.get(entry)):
+        method = method_of(entry)
+        if entry != method and options is None:
+            raise ValueError(f"methods entry {entry!r}: this notebook takes no method_options, so it runs no "
+                             f"variants of a method; expected one of {METHODS}")
+        if entry != method and not (entry.partition("@")[2] and options.get(entry)):
             raise ValueError(f"methods entry {entry!r}: a variant of a method needs a label after '@' and its own "
                              "method_options, e.g. methods [srd, srd@mse] with method_options "
                              "{srd@mse: {srd_distance: mse}}")
-        MethodConfig.for_method(method, **options.get(entry, {}))
+        MethodConfig.for_method(method, **(options or {}).get(entry, {}))
 
 
 class Distiller(nn.Module):

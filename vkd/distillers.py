@@ -110,19 +110,21 @@ def check_methods(methods: list[str], options: dict[str, dict] | None = None) ->
     if not methods or len(set(methods)) != len(methods):
         raise ValueError(f"methods must list one or more distinct methods of {METHODS} (or variants "
                          f"'method@label'); got {methods}")
-    stray = sorted(set(options or {}) - set(methods))
+    given = options or {}
+    stray = sorted(set(given) - set(methods))
     if stray:
         raise ValueError(f"method_options names {stray}, not among methods {methods}")
     for entry in methods:
         method = method_of(entry)
+        label = entry[len(method) + 1:]  # after the "@" of a variant
         if entry != method and options is None:
             raise ValueError(f"methods entry {entry!r}: this notebook takes no method_options, so it runs no "
                              f"variants of a method; expected one of {METHODS}")
-        if entry != method and not (entry.partition("@")[2] and options.get(entry)):
+        if entry != method and not (label and given.get(entry)):
             raise ValueError(f"methods entry {entry!r}: a variant of a method needs a label after '@' and its own "
                              "method_options, e.g. methods [srd, srd@mse] with method_options "
                              "{srd@mse: {srd_distance: mse}}")
-        MethodConfig.for_method(method, **(options or {}).get(entry, {}))
+        MethodConfig.for_method(method, **given.get(entry, {}))
 
 
 class Distiller(nn.Module):

@@ -116,14 +116,14 @@ def check_methods(methods: list[str], options: dict[str, dict] | None = None) ->
         raise ValueError(f"method_options names {stray}, not among methods {methods}")
     for entry in methods:
         method = method_of(entry)
-        label = entry[len(method) + 1:]  # after the "@" of a variant
-        if entry != method and options is None:
-            raise ValueError(f"methods entry {entry!r}: this notebook takes no method_options, so it runs no "
-                             f"variants of a method; expected one of {METHODS}")
-        if entry != method and not (label and given.get(entry)):
-            raise ValueError(f"methods entry {entry!r}: a variant of a method needs a label after '@' and its own "
-                             "method_options, e.g. methods [srd, srd@mse] with method_options "
-                             "{srd@mse: {srd_distance: mse}}")
+        if entry != method:  # a variant "method@label"
+            if options is None:
+                raise ValueError(f"methods entry {entry!r}: this notebook takes no method_options, so it runs no "
+                                 f"variants of a method; expected one of {METHODS}")
+            if not (entry[len(method) + 1:] and given.get(entry)):  # no label after the "@", or no options
+                raise ValueError(f"methods entry {entry!r}: a variant of a method needs a label after '@' and its "
+                                 "own method_options, e.g. methods [srd, srd@mse] with method_options "
+                                 "{srd@mse: {srd_distance: mse}}")
         MethodConfig.for_method(method, **given.get(entry, {}))
 
 

@@ -48,8 +48,8 @@ import torch
 import vkd
 from vkd import analysis
 from vkd.bench import bench_projectors
-from vkd.engine import device_description, git_revision
 from vkd.paths import output_dir
+from vkd.runtime import device_description, git_revision
 
 torch.manual_seed(seed)
 out = output_dir(figures_dir)

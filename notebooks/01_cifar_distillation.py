@@ -64,7 +64,8 @@ import pandas as pd
 import seaborn as sns
 
 from vkd.distillers import check_methods, method_of
-from vkd.engine import TrainConfig, train_many, train_teacher
+from vkd.engine import TrainConfig, train_teacher
+from vkd.launch import train_many
 from vkd.models import check_model_names
 from vkd.paths import output_dir, resolve
 from vkd.results import (

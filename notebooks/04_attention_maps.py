@@ -60,8 +60,9 @@ import timm
 import torch
 
 from vkd import analysis, data
+from vkd.checkpoints import load_weights
 from vkd.distillers import check_methods
-from vkd.engine import TrainConfig, load_weights, train, train_teacher
+from vkd.engine import TrainConfig, train, train_teacher
 from vkd.paths import output_dir
 from vkd.results import distinct_seeds, over_seeds, run_record
 

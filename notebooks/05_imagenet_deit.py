@@ -75,7 +75,8 @@ import pandas as pd
 import seaborn as sns
 
 from vkd import data as vdata
-from vkd.engine import TrainConfig, launch_torchrun
+from vkd.engine import TrainConfig
+from vkd.launch import launch_torchrun
 from vkd.paths import output_dir, resolve
 from vkd.results import render_table, run_record, with_paper_numbers
 

@@ -63,8 +63,8 @@ import pandas as pd
 import seaborn as sns
 from PIL import Image
 
-from vkd.engine import train_many
 from vkd.gan import GANConfig
+from vkd.launch import train_many
 from vkd.paths import output_dir
 from vkd.results import paper_fid, render_table, run_record
 

@@ -61,7 +61,8 @@ import seaborn as sns
 import torch
 
 from vkd import analysis, data
-from vkd.engine import TrainConfig, load_distiller, train_many, train_teacher
+from vkd.engine import TrainConfig, load_distiller, train_teacher
+from vkd.launch import train_many
 from vkd.paths import output_dir
 from vkd.results import distinct_seeds, over_seeds, run_record
 

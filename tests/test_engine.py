@@ -1,7 +1,6 @@
 import json
 import platform
 import re
-import subprocess
 from dataclasses import replace
 from functools import partialmethod
 from types import SimpleNamespace
@@ -13,7 +12,8 @@ import torch
 import torchvision
 import yaml
 
-from vkd import data, engine
+from vkd import data, engine, launch
+from vkd.checkpoints import export_weights, load_weights
 from vkd.cli import main
 from vkd.distillers import Distiller
 from vkd.engine import (
@@ -21,16 +21,11 @@ from vkd.engine import (
     TrainConfig,
     build_optimizer,
     compile_options,
-    export_weights,
-    git_revision,
     load_distiller,
-    load_weights,
-    rng_state,
-    set_rng_state,
     train,
-    train_many,
 )
 from vkd.gan import GANConfig
+from vkd.launch import train_many
 
 
 @pytest.fixture
@@ -276,18 +271,6 @@ def test_non_finite_loss_stops_with_a_clear_message(data_root, tmp_path):
         train(cfg)
 
 
-def test_teacher_checksum_and_missing_file(data_root, tmp_path):
-    model = torch.nn.Linear(2, 2)
-    path = tmp_path / "w.pt"
-    torch.save({"model": {k: v.half() for k, v in model.state_dict().items()}}, path)
-    digest = load_weights(torch.nn.Linear(2, 2), path)
-    with pytest.raises(ValueError, match="checksum mismatch"):
-        load_weights(torch.nn.Linear(2, 2), path, expected_sha256="0" * 64)
-    assert load_weights(torch.nn.Linear(2, 2), path, expected_sha256=digest) == digest
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        load_weights(model, tmp_path / "missing.pt")
-
-
 def test_train_command_explains_missing_data_and_weights(tmp_path, monkeypatch, tiny_archive, capsys):
     base = ["train", "-s", "out_dir", str(tmp_path / "runs"), "-s", "epochs", "1", "-s", "batch_size", "2",
             "-s", "progress", "false", "-s", "data_root", str(tmp_path / "data")]
@@ -305,18 +288,6 @@ def test_train_command_explains_missing_data_and_weights(tmp_path, monkeypatch, 
                                               f"'resnet20'): ")
     assert main([*base, *distilled, "-s", "teacher", "resnet20", "-s", "teacher_sha256", "f" * 64]) == 2
     assert f"error: checksum mismatch for {missing}: expected sha256 {'f' * 64}" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a checkpoint loaded onto a GPU")
-def test_random_streams_restore_from_a_checkpoint_loaded_onto_the_gpu(tmp_path):
-    """Resuming on a GPU loads the checkpoint with map_location="cuda", which moves the saved generator
-    states there too; they must still restore (the first H100 resume failed: "RNG state must be a ByteTensor")."""
-    device = torch.device("cuda")
-    torch.save(rng_state(device), tmp_path / "rng.pt")
-    expected = torch.rand(3), torch.rand(3, device=device)
-    set_rng_state(torch.load(tmp_path / "rng.pt", map_location=device, weights_only=False), device)
-    assert torch.equal(torch.rand(3), expected[0])
-    assert torch.equal(torch.rand(3, device=device), expected[1])
 
 
 def test_probes_are_recorded_and_survive_resume(data_root, tmp_path):
@@ -446,33 +417,14 @@ def test_a_config_that_cannot_train_is_refused_when_made(command, settings, mess
     assert message in capsys.readouterr().err
 
 
-def test_a_device_this_machine_lacks_is_refused_with_the_reason(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(engine.DeviceNotFoundError, match=re.escape("device 'cuda': torch sees no GPU on this machine")):
-        engine.resolve_device("cuda")
-    assert engine.resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(engine.DeviceNotFoundError, match=re.escape("expected auto, cpu, cuda or cuda:N, got 'gpu0'")):
-        engine.resolve_device("gpu0")
-    runs = ["-s", "out_dir", str(tmp_path), "-s", "device", "cuda"]
-    for command in (["train", *runs], ["gan", *runs], ["bench", "projectors", "--device", "cuda"]):
-        assert main(command) == 2
-        assert "error: device 'cuda': torch sees no GPU on this machine" in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())  # refused before a run folder is made
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert engine.resolve_device("cuda:0") == torch.device("cuda", 0)
-    with pytest.raises(engine.DeviceNotFoundError, match=re.escape("this machine has 1 GPU(s), cuda:0 to cuda:0")):
-        engine.resolve_device("cuda:1")
-
-
 def test_an_interrupted_train_many_leaves_no_training_process_behind(data_root, tmp_path, monkeypatch):
-    started, start = [], engine._start
-    monkeypatch.setattr(engine, "_start", lambda *args: started.append(start(*args)) or started[-1])
+    started, start = [], launch._start
+    monkeypatch.setattr(launch, "_start", lambda *args: started.append(start(*args)) or started[-1])
 
     def interrupted(seconds):  # Ctrl-C, or a notebook's interrupt, while the runs train
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "time", SimpleNamespace(sleep=interrupted))
+    monkeypatch.setattr(launch, "time", SimpleNamespace(sleep=interrupted))
     configs = [config(data_root, tmp_path, name=f"i{seed}", seed=seed, epochs=100) for seed in (0, 1)]
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -528,27 +480,6 @@ def test_eval_command_reproduces_the_runs_test_accuracy(data_root, tmp_path, cap
     assert "model.pt lacks 72 of the model's weights (it holds a 'resnet8')" in capsys.readouterr().err
 
 
-def test_git_revision_is_dirty_for_code_changes_not_for_regenerated_figures(tmp_path, monkeypatch):
-    def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
-                       capture_output=True)
-
-    (tmp_path / "vkd").mkdir()
-    (tmp_path / "figures").mkdir()
-    (tmp_path / "vkd" / "code.py").write_text("x = 1\n")
-    (tmp_path / "figures" / "table.csv").write_text("a\n1\n")
-    git("init", "-q")
-    git("add", ".")
-    git("commit", "-q", "-m", "first")
-    monkeypatch.setattr("vkd.engine.project_root", lambda: tmp_path)
-    clean = git_revision()
-    assert len(clean) >= 7 and not clean.endswith("+dirty")
-    (tmp_path / "figures" / "table.csv").write_text("a\n2\n")  # a notebook rerun rewrote a figure
-    assert git_revision() == clean
-    (tmp_path / "vkd" / "code.py").write_text("x = 2\n")  # the code changed
-    assert git_revision() == clean + "+dirty"
-
-
 def test_summary_records_the_revision_the_run_started_with(data_root, tmp_path, monkeypatch):
     revisions = iter(["abc1234", "def5678+dirty"])  # the checkout changes while the run trains
     current = {"revision": next(revisions)}
@@ -560,17 +491,6 @@ def test_summary_records_the_revision_the_run_started_with(data_root, tmp_path, 
 
     summary = train(config(data_root, tmp_path, name="revision", epochs=1), probe=edit_the_checkout)
     assert summary["git_revision"] == "abc1234"
-
-
-def test_a_cpu_run_records_the_processor_and_the_instruction_set_its_kernels_use(tmp_path, monkeypatch):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu\n")
-    assert engine.cpu_model(cpuinfo) == "AMD EPYC 7B13"
-    assert engine.cpu_model(tmp_path / "absent") == (platform.processor() or platform.machine())
-    monkeypatch.setattr(engine, "cpu_model", lambda: "AMD EPYC 7B13")
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert engine.device_description(torch.device("cpu")) == "cpu (AMD EPYC 7B13, AVX2, 2 threads)"
 
 
 def test_progress_bars_follow_the_environment_switch(monkeypatch):

@@ -12,7 +12,7 @@ from torch import nn
 
 from vkd import data
 from vkd.cli import main
-from vkd.engine import TrainConfig, _child_env, train, train_many
+from vkd.engine import TrainConfig, train
 from vkd.gan import (
     FID,
     Discriminator,
@@ -31,6 +31,7 @@ from vkd.gan import (
 )
 from vkd.gan.augment import cutout, translation
 from vkd.gan.train import GANTraining
+from vkd.launch import _child_env, train_many
 
 
 def test_translation_moves_content_by_at_most_an_eighth_and_fills_zeros():

@@ -19,11 +19,11 @@ from .engine import (
     check_cuda_graph,
     compile_options,
     mixed_precision,
-    resolve_device,
     train_step,
 )
 from .models import check_model_names
 from .projectors import ORTHOGONAL_METHODS, OrthogonalProjector
+from .runtime import resolve_device
 
 RECIPE_SGD = dict(name="sgd", lr=0.05, weight_decay=5e-4, momentum=0.9)  # the CIFAR recipe's optimiser
 

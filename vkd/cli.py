@@ -152,8 +152,9 @@ def _command(args) -> int:
             return _refused(error)
         if args.named:
             config = config.named(args.named)
+        from .checkpoints import CheckpointMismatchError
         from .data import DataNotFoundError
-        from .engine import CheckpointMismatchError, DeviceNotFoundError
+        from .runtime import DeviceNotFoundError
 
         try:
             summary = config.run(stop_after=args.stop_after)
@@ -179,7 +180,7 @@ def _command(args) -> int:
         print(json.dumps(result))
         return 0
     if args.command == "export":
-        from .engine import export_weights
+        from .checkpoints import export_weights
 
         try:
             print(json.dumps(export_weights(args.run_dir, args.path, half=not args.float32)))
@@ -240,6 +241,6 @@ def _bench(args) -> None:
 
 def _where(device: str) -> str:
     """The device a benchmark ran on, in words."""
-    from .engine import device_description, resolve_device
+    from .runtime import device_description, resolve_device
 
     return device_description(resolve_device(device))

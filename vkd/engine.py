@@ -4,32 +4,26 @@
 ``metrics.csv`` (one row per epoch), ``summary.json`` (best/last accuracy, wall time, device, git
 revision, every hyperparameter), ``checkpoint.pt`` (written atomically after every epoch; a rerun with
 the same name resumes from it exactly) and ``model.pt`` (the final student weights).
+
+Around it: :mod:`vkd.runtime` (devices, processes, random streams, provenance), :mod:`vkd.checkpoints`
+(weights files) and :mod:`vkd.launch` (runs in processes of their own).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import json
-import os
-import platform
-import random
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import pandas as pd
 import timm
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2, get_optimizer_class
@@ -39,10 +33,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as vdata
+from .checkpoints import load_state, load_weights, read_checkpoint
 from .distillers import Distiller, MethodConfig
 from .models import check_model_names
-from .paths import portable, progress_default, project_root, resolve, save_atomic, save_json_atomic, write_atomic
+from .paths import portable, progress_default, resolve, save_atomic, save_json_atomic, write_atomic
 from .projectors import OrthogonalProjector
+from .runtime import (
+    Processes,
+    device_description,
+    git_revision,
+    join_processes,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    software_versions,
+)
 from .settings import wrong_types
 
 
@@ -238,172 +244,6 @@ def compile_options(setting: bool | str) -> dict:
     raise ValueError(f"compile: expected true, false or one of {COMPILE_MODES}, got {setting!r}")
 
 
-class DeviceNotFoundError(ValueError):
-    """The device a run or benchmark names is not on this machine (or is no device name); the message says why."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (a GPU if there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; a GPU this machine does
-    not have raises :class:`DeviceNotFoundError`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise DeviceNotFoundError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise DeviceNotFoundError(f"device {name!r}: torch sees no GPU on this machine (torch {torch.__version__}, "
-                                      f"CUDA {torch.version.cuda or 'none'}); use device 'cpu' or 'auto'")
-        if (device.index or 0) >= count:
-            raise DeviceNotFoundError(f"device {name!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
-    return device
-
-
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The processor's model name ("AMD EPYC", "Intel(R) Xeon(R) ...") where Linux's ``cpuinfo`` gives one,
-    else what :mod:`platform` knows ("x86_64")."""
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                return value.strip()
-    return platform.processor() or platform.machine()
-
-
-def device_description(device: torch.device) -> str:
-    """The GPU's name, or for the CPU its model, the instruction set torch's kernels use (AVX2, AVX512, ...) and
-    the thread count: what decides whether two CPU runs can agree to the last bit (kernels of different
-    instruction sets round differently, so a run repeats exactly only on the same kind of CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
-
-
-def software_versions() -> dict[str, str]:
-    """The versions a run's summary records next to its device: Python, torch (and the CUDA it was built
-    with, "none" for a CPU build), torchvision and timm."""
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "cuda": torch.version.cuda or "none"}
-
-
-REGENERATED_OUTPUTS = ("figures", "notebooks/executed")  # tracked, but rewritten by every notebook run
-
-
-def git_revision() -> str:
-    """The project's commit, with "+dirty" when a tracked file other than the regenerated outputs differs
-    from it (so a rerun of the notebooks on a clean checkout still records a clean revision)."""
-    try:
-        root = project_root()
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        excluded = [f":(exclude){path}" for path in REGENERATED_OUTPUTS]
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
-                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class CheckpointMismatchError(ValueError):
-    """A weights file is not the one expected: another checksum, or weights that do not fit the model."""
-
-
-def checked_file(path: str | Path, expected_sha256: str | None = None,
-                 missing_hint: str = "train the teacher first (notebook 01) or give its path",
-                 what: str = "checkpoint") -> tuple[Path, str]:
-    """``path`` resolved, and its sha256 (checked against ``expected_sha256`` when given); a missing file is
-    refused as "no ``what`` at ``path``: ``missing_hint``"."""
-    path = resolve(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no {what} at {path}: {missing_hint}")
-    digest = sha256(path)
-    if expected_sha256 and digest != expected_sha256:
-        raise CheckpointMismatchError(f"checksum mismatch for {path}: expected sha256 {expected_sha256}, got {digest}")
-    return path, digest
-
-
-def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> tuple[object, str]:
-    """The contents of a checkpoint file and its sha256 (checked against ``expected_sha256`` when given)."""
-    path, digest = checked_file(path, expected_sha256)
-    return torch.load(path, map_location="cpu", weights_only=False), digest
-
-
-def load_state(model: nn.Module, contents, strict: bool = True, source: str = "the checkpoint") -> list[str]:
-    """Load checkpoint ``contents`` into ``model``; returns the keys the model does not have (sorted).
-
-    Accepts vkd's ``model.pt`` / ``checkpoint.pt``, mdistiller's ``{"model": state_dict}`` teacher
-    checkpoints, DeiT-style releases and plain state dicts; half-precision weights are cast to the
-    model's dtype.  ``strict=False``: keys the model does not have are ignored (and returned); every
-    weight of the model must still be in the file.  Weights that do not fit raise
-    :class:`CheckpointMismatchError` naming ``source`` and the architecture the file records, if any."""
-    recorded = contents.get("arch") if isinstance(contents, dict) else None
-    holds = f" (it holds a {recorded!r})" if isinstance(recorded, str) else ""
-    state = contents
-    for key in ("model", "student", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    reference = model.state_dict()
-    state = {k: v.to(reference[k].dtype) if k in reference and v.is_floating_point() else v for k, v in state.items()}
-    if strict:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:  # torch lists every key and shape that differs
-            details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
-            more = f" (and {len(details) - 1} more such lines)" if len(details) > 1 else ""
-            raise CheckpointMismatchError(f"{source}'s weights do not fit the {type(model).__name__}{holds}: "
-                                          f"{details[0][:300] if details else error}{more}") from None
-        return []
-    missing = sorted(set(reference) - set(state))
-    if missing:
-        raise CheckpointMismatchError(f"{source} lacks {len(missing)} of the model's weights{holds}, "
-                                      f"e.g. {missing[:5]}")
-    model.load_state_dict({k: v for k, v in state.items() if k in reference})
-    return sorted(set(state) - set(reference))
-
-
-def load_weights(model: nn.Module, path: str | Path, expected_sha256: str | None = None, strict: bool = True) -> str:
-    """Load the checkpoint file ``path`` into ``model`` (see :func:`load_state`); returns its sha256."""
-    contents, digest = read_checkpoint(path, expected_sha256)
-    load_state(model, contents, strict, source=str(resolve(path)))
-    return digest
-
-
-def export_weights(run_dir: str | Path, path: str | Path, half: bool = True) -> dict:
-    """Write a finished run's final weights to ``path`` (half precision by default: a teacher for others).
-
-    The file is ``{"model": state_dict, "arch", "num_classes", "options", "test_acc"}`` (loadable by
-    :func:`load_weights`); returns its description: path, sha256, arch, test accuracy (last epoch, %)."""
-    run_dir = resolve(run_dir)
-    for name in ("model.pt", "summary.json"):
-        checked_file(run_dir / name, what=f"finished run ({name})",
-                     missing_hint="a run writes model.pt and summary.json when its last epoch ends")
-    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    if half:
-        state["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
-    state["test_acc"] = summary["last_acc"]
-    path = resolve(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic(state, path)
-    return {"path": str(path), "sha256": sha256(path), "arch": state["arch"], "test_acc": summary["last_acc"],
-            "dataset": summary["dataset"], "epochs": summary["epochs"], "device": summary["device"],
-            "wall_seconds": summary["wall_seconds"]}
-
-
 def build_teacher(config: TrainConfig, num_classes: int) -> tuple[nn.Module | None, str | None]:
     if config.teacher is None:
         return None, None
@@ -438,44 +278,6 @@ def load_distiller(config: TrainConfig) -> Distiller:
     distiller.student.load_state_dict(state["student"])
     distiller.losses.load_state_dict(state["losses"])
     return distiller.eval()
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` summed over the processes (unchanged in a single process)."""
-        if self.world > 1:
-            values = values.clone()
-            dist.all_reduce(values)
-        return values
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def join_processes(device_name: str) -> tuple[Processes, torch.device]:
-    """Join the ``torchrun`` job this process belongs to (NCCL on GPUs, gloo on the CPU), if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_name)
-    if world == 1:
-        return Processes(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Processes(rank, world), device
 
 
 def _split_loader(config: TrainConfig, device: torch.device, processes: Processes, train: bool):
@@ -948,7 +750,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         rows.append(row)
         if probe is not None and not probe_every:
             record_probe(epoch + 1, step)
-        rng = _gather(rng_state(device), processes)
+        rng = processes.gather(rng_state(device))
         if processes.main:
             write_atomic(run_dir / "metrics.csv", lambda partial: pd.DataFrame(rows).to_csv(partial, index=False))
             save_atomic({"epoch": epoch + 1, "config": asdict(config), "student": distiller.student.state_dict(),
@@ -990,42 +792,6 @@ def finished_summary(config: RunConfig) -> dict | None:
     return summary if type(config).shaping(summary["config"]) == config.settings() else None
 
 
-def seed_everything(seed: int) -> None:
-    """Seed every random stream a run draws from: torch (CPU and GPUs), NumPy (timm's Mixup) and Python's
-    ``random`` (timm's augmentations when the main process loads the images)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def rng_state(device: torch.device) -> dict:
-    """Every random stream a training step may draw from (torch CPU and CUDA, NumPy, Python)."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(state, device: torch.device) -> None:
-    """Restore what ``rng_state`` saved.  Its generator states are CPU byte tensors, whatever device the
-    checkpoint was loaded onto (``torch.load(map_location="cuda")`` moves them too)."""
-    if isinstance(state, torch.Tensor):  # checkpoints written before the other streams were saved
-        torch.set_rng_state(state.cpu())
-        return
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def _gather(value, processes: Processes) -> list:
-    """``value`` of every process, in rank order."""
-    if processes.world == 1:
-        return [value]
-    values = [None] * processes.world
-    dist.all_gather_object(values, value)
-    return values
-
-
 def train_teacher(arch: str, epochs: int, checkpoint: str = "", **settings) -> tuple[str, dict | None]:
     """The weights of a teacher: ``checkpoint`` when given, else a teacher trained with method ``ce``
     (or reused, if a finished run with the same settings exists).
@@ -1039,113 +805,6 @@ def train_teacher(arch: str, epochs: int, checkpoint: str = "", **settings) -> t
     print(f"teacher {arch}: best {summary['best_acc']:.2f} %, last {summary['last_acc']:.2f} %, "
           f"{summary['wall_seconds']:.0f} s on {summary['device']}")
     return str(config.run_dir() / "model.pt"), summary
-
-
-def train_many(configs: list[RunConfig], processes: int = 1) -> list[dict]:
-    """Train ``configs`` (TrainConfig, or vkd.gan's GANConfig) and return their summaries, in order.
-
-    ``processes=1`` trains them one after the other in this process.  More runs them concurrently as
-    ``python -m vkd train`` (``gan``) processes (each writes ``config.json`` and ``train.log`` into its run
-    folder): small CIFAR models leave a GPU mostly idle, so several runs share one well; with several
-    GPUs visible the processes are spread over them; on the CPU the cores are divided between them.
-    Finished runs are reused and interrupted ones resume, as with :func:`train`."""
-    if processes <= 1:
-        return [config.run() for config in configs]
-    gpus = torch.cuda.device_count()
-    env = _child_env(processes)
-    waiting = [(slot, config) for slot, config in enumerate(configs) if finished_summary(config) is None]
-    running, failed = {}, []
-    bar = tqdm(total=len(waiting), desc=f"{len(waiting)} runs, {processes} at a time", mininterval=5)
-    with _stopped_on_exit(running):
-        while waiting or running:
-            while waiting and len(running) < processes:
-                slot, config = waiting.pop(0)
-                if gpus > 1:
-                    env = {**env, "CUDA_VISIBLE_DEVICES": str(slot % gpus)}
-                running[slot] = _start(config, [sys.executable, "-m", "vkd", config.COMMAND], env)
-            time.sleep(1)
-            for slot, process in list(running.items()):
-                if process.poll() is not None:
-                    del running[slot]
-                    bar.update()
-                    if process.returncode:
-                        log = (configs[slot].run_dir() / "train.log").read_text().strip().splitlines()
-                        failed.append(f"{configs[slot].name} (exit {process.returncode}): " + "\n    ".join(log[-5:]))
-    bar.close()
-    if failed:
-        raise RuntimeError("training failed for " + "\n  ".join(failed))
-    return [config.run() for config in configs]  # finished: their summaries (completed where a kind needs it)
-
-
-@contextlib.contextmanager
-def _stopped_on_exit(running: dict[int, subprocess.Popen], grace_s: float = 30.0):
-    """Leave no training process of ``running`` (slot -> process, as it stands on exit) going on behind an
-    interrupted caller (Ctrl-C, a notebook's interrupt, an error): each is terminated, and killed if it has not
-    ended within ``grace_s``.  Their checkpoints are written atomically, so each run resumes where its last
-    epoch ended when started again."""
-    try:
-        yield
-    finally:
-        for process in running.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in running.values():
-            try:
-                process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _child_env(processes: int) -> dict:
-    """The environment of ``processes`` training processes started together: unbuffered output, and the
-    CPU threads divided between them."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
-
-
-def _start(config: RunConfig, launcher: list[str], env: dict) -> subprocess.Popen:
-    """Start ``launcher ... --config <run>/config.json`` in the background, logging to ``<run>/train.log``."""
-    run_dir = config.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(replace(config, progress=False)), indent=1))
-    with open(run_dir / "train.log", "a") as log:
-        return subprocess.Popen([*launcher, "--config", str(run_dir / "config.json")], cwd=project_root(), env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-
-
-def launch_torchrun(config: TrainConfig, nproc_per_node: int = 1, nnodes: int = 1, node_rank: int = 0,
-                    rdzv_endpoint: str = "", follow_every: float = 30.0) -> dict:
-    """Train ``config`` as a ``torchrun`` job (``python -m vkd train`` in each process) and wait for it.
-
-    One node: ``--standalone``.  Several: every node runs this with the same ``rdzv_endpoint``
-    (host:port of node 0) and its own ``node_rank``.  While the job runs, the newest line of its
-    ``metrics.csv`` is printed every ``follow_every`` seconds; a failure raises with the log's tail.
-    Returns the run's summary."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
-    if nnodes == 1:
-        launcher.append("--standalone")
-    else:
-        if not rdzv_endpoint:
-            raise ValueError(f"nnodes={nnodes} needs rdzv_endpoint (host:port of node 0)")
-        launcher += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
-                     f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={config.name}"]
-    summary = finished_summary(config)
-    if summary is not None:
-        return summary
-    process = _start(config, [*launcher, "--module", "vkd", "train"], _child_env(nproc_per_node))
-    metrics, shown = config.run_dir() / "metrics.csv", None
-    with _stopped_on_exit({0: process}):
-        while process.poll() is None:
-            time.sleep(min(follow_every, 2.0) if shown is None else follow_every)
-            if metrics.is_file():
-                last = metrics.read_text().strip().splitlines()
-                if len(last) > 1 and last[-1] != shown:
-                    shown = last[-1]
-                    print(dict(zip(last[0].split(","), shown.split(","), strict=False)), flush=True)
-    if process.returncode:
-        tail = (config.run_dir() / "train.log").read_text().strip().splitlines()[-15:]
-        raise RuntimeError(f"torchrun job {config.name} failed (exit {process.returncode}):\n  " + "\n  ".join(tail))
-    return finished_summary(config)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, arch: str | None = None, dataset: str = "imagefolder",

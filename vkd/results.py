@@ -39,7 +39,7 @@ def committed_teacher_row(checkpoint: str | Path) -> dict | None:
     """The results-table row of a committed teacher (``data/teachers/teachers.csv``: its measured test top-1,
     training epochs, batch, wall time, device), or None when ``checkpoint`` is not that file (by sha256) or no
     checkout's ``data/teachers/teachers.csv`` is at hand."""
-    from .engine import sha256
+    from .checkpoints import sha256
 
     path, teachers = resolve(checkpoint), resolve(TEACHERS)
     if not teachers.is_file():

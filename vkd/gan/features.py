@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import data as vdata
-from ..engine import checked_file, load_weights
+from ..checkpoints import checked_file, load_weights
 from ..models import check_model_names
 from ..paths import resolve
 

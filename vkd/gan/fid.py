@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..engine import checked_file
+from ..checkpoints import checked_file
 from ..extras import optional_import
 from .features import ImageEmbedding
 

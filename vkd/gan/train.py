@@ -36,11 +36,13 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from .. import data as vdata
-from ..engine import (
-    NonFiniteLossError,
-    RunConfig,
+from ..engine import NonFiniteLossError, RunConfig, finished_summary
+from ..losses import VkDLoss, get_distance
+from ..normalization import get_normalization
+from ..paths import progress_default, resolve, save_atomic, save_json_atomic, write_atomic
+from ..projectors import retract_
+from ..runtime import (
     device_description,
-    finished_summary,
     git_revision,
     resolve_device,
     rng_state,
@@ -48,10 +50,6 @@ from ..engine import (
     set_rng_state,
     software_versions,
 )
-from ..losses import VkDLoss, get_distance
-from ..normalization import get_normalization
-from ..paths import progress_default, resolve, save_atomic, save_json_atomic, write_atomic
-from ..projectors import retract_
 from .augment import DIFFAUGMENT_POLICY, diff_augment
 from .features import ImageEmbedding, classifier_embedding, clip_embedding
 from .fid import FID, class_spread, to_uint8

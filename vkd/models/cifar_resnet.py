@@ -127,7 +127,7 @@ def _build_checked(cls, pretrained: bool = False, **kwargs):
     if pretrained:
         raise ValueError(
             f"no published weights are bundled for vkd's {cls.__name__} models; train one (e.g. a teacher with "
-            "notebook 01) or load a checkpoint with vkd.engine.load_weights(model, path)"
+            "notebook 01) or load a checkpoint with vkd.checkpoints.load_weights(model, path)"
         )
     for timm_option in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(timm_option, None)

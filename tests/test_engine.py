@@ -435,6 +435,16 @@ def test_an_interrupted_train_many_leaves_no_training_process_behind(data_root, 
             process.kill()
 
 
+def test_a_run_failing_in_train_many_is_named_with_the_end_of_its_log(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.ARCHIVE_ENV, raising=False)  # no data anywhere: each process stops at once
+    configs = [config(tmp_path / "no-data", tmp_path, name=f"f{seed}", seed=seed) for seed in (0, 1)]
+    with pytest.raises(RuntimeError) as failure:
+        train_many(configs, processes=2)
+    for name in ("f0", "f1"):
+        assert f"{name} (exit 2)" in str(failure.value)
+    assert str(failure.value).count("CIFAR-10 (JPEG) not found") == 2  # the tail of each run's train.log
+
+
 def test_runs_in_parallel_processes_match_runs_in_this_process(data_root, tmp_path):
     configs = [config(data_root, tmp_path, name=f"p{seed}", seed=seed, epochs=2) for seed in (0, 1)]
     parallel = train_many(configs, processes=2)

@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 from .engine import RunConfig, TrainConfig, finished_summary
 from .paths import project_root
 
+TRAIN_LOG = "train.log"  # in each run folder: the output of the process that trains it
+
 
 def train_many(configs: list[RunConfig], processes: int = 1) -> list[dict]:
     """Train ``configs`` (TrainConfig, or vkd.gan's GANConfig) and return their summaries, in order.
@@ -46,8 +48,8 @@ def train_many(configs: list[RunConfig], processes: int = 1) -> list[dict]:
                     del running[slot]
                     bar.update()
                     if process.returncode:
-                        log = (configs[slot].run_dir() / "train.log").read_text().strip().splitlines()
-                        failed.append(f"{configs[slot].name} (exit {process.returncode}): " + "\n    ".join(log[-5:]))
+                        log = _log_tail(configs[slot], 5)
+                        failed.append(f"{configs[slot].name} (exit {process.returncode}): " + "\n    ".join(log))
     bar.close()
     if failed:
         raise RuntimeError("training failed for " + "\n  ".join(failed))
@@ -85,9 +87,14 @@ def _start(config: RunConfig, launcher: list[str], env: dict) -> subprocess.Pope
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(replace(config, progress=False)), indent=1))
-    with open(run_dir / "train.log", "a") as log:
+    with open(run_dir / TRAIN_LOG, "a") as log:
         return subprocess.Popen([*launcher, "--config", str(run_dir / "config.json")], cwd=project_root(), env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
+
+
+def _log_tail(config: RunConfig, lines: int) -> list[str]:
+    """The last ``lines`` lines of the run's training log (what a failed process printed last)."""
+    return (config.run_dir() / TRAIN_LOG).read_text().strip().splitlines()[-lines:]
 
 
 def launch_torchrun(config: TrainConfig, nproc_per_node: int = 1, nnodes: int = 1, node_rank: int = 0,
@@ -120,6 +127,6 @@ def launch_torchrun(config: TrainConfig, nproc_per_node: int = 1, nnodes: int = 
                     shown = last[-1]
                     print(dict(zip(last[0].split(","), shown.split(","), strict=False)), flush=True)
     if process.returncode:
-        tail = (config.run_dir() / "train.log").read_text().strip().splitlines()[-15:]
+        tail = _log_tail(config, 15)
         raise RuntimeError(f"torchrun job {config.name} failed (exit {process.returncode}):\n  " + "\n  ".join(tail))
     return finished_summary(config)

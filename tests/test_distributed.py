@@ -6,9 +6,12 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import torch
 
 from vkd import data
+from vkd.engine import TrainConfig
+from vkd.launch import launch_torchrun
 from vkd.paths import project_root
 
 
@@ -44,3 +47,12 @@ def test_two_process_run_resumes_exactly_from_its_checkpoint(tmp_path, tiny_arch
     wa, wb = (torch.load(tmp_path / f"runs/{n}/model.pt")["model"] for n in ("full", "split"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert torch.load(tmp_path / "runs/split/checkpoint.pt", weights_only=False)["world_size"] == 2
+
+
+def test_a_failing_torchrun_job_is_named_with_the_end_of_its_log(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.ARCHIVE_ENV, raising=False)  # no data anywhere: the process stops at once
+    config = TrainConfig(name="no-data", out_dir=str(tmp_path / "runs"), data_root=str(tmp_path / "no-data"),
+                         student="resnet8", epochs=1, progress=False)
+    with pytest.raises(RuntimeError, match=r"torchrun job no-data failed \(exit [1-9]") as failure:
+        launch_torchrun(config, follow_every=0.1)
+    assert "CIFAR-10 (JPEG) not found" in str(failure.value)  # the tail of the job's train.log

@@ -93,8 +93,16 @@ def _start(config: RunConfig, launcher: list[str], env: dict) -> subprocess.Pope
 
 
 def _log_tail(config: RunConfig, lines: int) -> list[str]:
-    """The last ``lines`` lines of the run's training log (what a failed process printed last)."""
-    return (config.run_dir() / TRAIN_LOG).read_text().strip().splitlines()[-lines:]
+    """The last ``lines`` lines of the run's training log (what a failed process printed last).
+
+    torchrun ends a failed job's log with its own traceback (``ChildFailedError``), which names the failed
+    rank but not the cause; that traceback is left out, so the tail shows what the workers printed."""
+    log = (config.run_dir() / TRAIN_LOG).read_text().strip().splitlines()
+    launcher_failure = [i for i, line in enumerate(log) if "ChildFailedError" in line]
+    if launcher_failure:
+        starts = [i for i, line in enumerate(log[:launcher_failure[-1]]) if line.startswith("Traceback")]
+        log = log[:starts[-1]] if starts else log
+    return log[-lines:]
 
 
 def launch_torchrun(config: TrainConfig, nproc_per_node: int = 1, nnodes: int = 1, node_rank: int = 0,

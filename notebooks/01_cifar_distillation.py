@@ -67,7 +67,7 @@ from vkd.distillers import check_methods, method_of
 from vkd.engine import TrainConfig, train_teacher
 from vkd.launch import train_many
 from vkd.models import check_model_names
-from vkd.paths import output_dir, resolve
+from vkd.paths import output_dir, resolve, run_group
 from vkd.results import (
     committed_teacher_row,
     distinct_seeds,
@@ -81,7 +81,7 @@ seeds = distinct_seeds(seeds)
 check_methods(methods, method_options)  # here, not after the teacher has trained
 check_model_names(teacher, student)
 figures = output_dir(figures_dir)
-tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
+tag = run_group(dataset, fraction, profile)
 common = dict(out_dir=f"{runs_dir}/{tag}", dataset=dataset, download=download, fraction=fraction,
               test_fraction=test_fraction, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seeds[0],
               device=device, compile=compile, cuda_graph=cuda_graph)

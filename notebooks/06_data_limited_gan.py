@@ -65,7 +65,7 @@ from PIL import Image
 
 from vkd.gan import GANConfig
 from vkd.launch import train_many
-from vkd.paths import output_dir
+from vkd.paths import output_dir, run_group
 from vkd.results import paper_fid, render_table, run_record
 
 figures = output_dir(figures_dir)
@@ -82,7 +82,7 @@ for fraction in fractions:
         method, _, norm = spec.partition("-")
         config = GANConfig(fraction=fraction, method=method, **({"norm": norm} if norm else {}), **common,
                            **(distillation if method == "vkd" else {}))
-        configs[spec, fraction] = config.named(f"{spec}-{int(fraction * 100)}pct")
+        configs[spec, fraction] = config.named(run_group(spec, fraction))
 summaries = dict(zip(configs, train_many(list(configs.values()), parallel), strict=True))
 curves = []
 for (spec, fraction), summary in summaries.items():

@@ -63,12 +63,12 @@ import torch
 from vkd import analysis, data
 from vkd.engine import TrainConfig, load_distiller, train_teacher
 from vkd.launch import train_many
-from vkd.paths import output_dir
+from vkd.paths import output_dir, run_group
 from vkd.results import distinct_seeds, over_seeds, run_record
 
 seeds = distinct_seeds(seeds)
 figures = output_dir(figures_dir)
-tag = f"{dataset}-{int(fraction * 100)}pct-{profile}"
+tag = run_group(dataset, fraction, profile)
 common = dict(dataset=dataset, download=download, fraction=fraction, test_fraction=test_fraction,
               batch_size=batch_size, lr=lr, seed=seeds[0], device=device)
 teacher_weights, _ = train_teacher(teacher, teacher_epochs, teacher_checkpoint, out_dir=f"{teachers_dir}/{tag}",

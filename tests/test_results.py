@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vkd.paths import project_root
+from vkd.paths import project_root, run_group
 from vkd.results import committed_teacher_row, distinct_seeds, over_seeds, run_record
 
 
@@ -75,6 +75,15 @@ def test_distinct_seeds_refuses_an_empty_or_repeated_list():
     for seeds in ([], [1, 1]):
         with pytest.raises(ValueError, match=r"one or more distinct seeds, e.g. \[0, 1, 2\]; got"):
             distinct_seeds(seeds)
+
+
+def test_run_group_names_the_percentage_exactly_and_refuses_a_fraction_outside_0_1():
+    assert run_group("cifar10-jpeg", 0.1, "quick") == "cifar10-jpeg-10pct-quick"
+    assert run_group("da", 0.29) == "da-29pct"  # int(0.29 * 100) would say 28
+    assert run_group("cifar10-jpeg", 0.005, "smoke") == "cifar10-jpeg-0.5pct-smoke"
+    for fraction in (0, 10):
+        with pytest.raises(ValueError, match=rf"fraction must be in \(0, 1\], got {fraction}"):
+            run_group("cifar10-jpeg", fraction, "quick")
 
 
 def test_run_record_names_the_run_behind_a_row_and_over_seeds_ignores_its_revision():

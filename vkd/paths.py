@@ -57,6 +57,16 @@ def portable(path: str | Path) -> str:
     return absolute.relative_to(root).as_posix() if absolute.is_relative_to(root) else str(absolute)
 
 
+def run_group(dataset: str, fraction: float, profile: str = "") -> str:
+    """The folder, under a runs directory, of one dataset, data fraction and profile: ``cifar10-jpeg-10pct-quick``.
+
+    Every notebook names its teacher's folder with it, so notebooks that train the same teacher (same
+    settings) share one run."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return "-".join(part for part in (dataset, f"{fraction * 100:g}pct", profile) if part)
+
+
 def output_dir(path: str | Path) -> Path:
     """``resolve(path)``, created if missing (figures, runs)."""
     folder = resolve(path)

@@ -58,10 +58,10 @@ def portable(path: str | Path) -> str:
 
 
 def run_group(dataset: str, fraction: float, profile: str = "") -> str:
-    """The folder, under a runs directory, of one dataset, data fraction and profile: ``cifar10-jpeg-10pct-quick``.
+    """The name of the runs of one dataset (or method), data fraction and profile: ``cifar10-jpeg-10pct-quick``.
 
-    Every notebook names its teacher's folder with it, so notebooks that train the same teacher (same
-    settings) share one run."""
+    The notebooks name their run folders (and 06 its runs) with it; notebooks that train the same teacher
+    (same settings) thus find one run folder and share it."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     return "-".join(part for part in (dataset, f"{fraction * 100:g}pct", profile) if part)

@@ -91,7 +91,10 @@ fig.savefig(out / "00_gram_preservation.png", dpi=120, bbox_inches="tight")
 # %% [markdown]
 # ## 2. Forward + backward cost against teacher width
 # Each point is the median of `reps` forward+backward passes at batch `batch` (float32, CPU),
-# measured round-robin with an `nn.Linear` of the same size in the same process.
+# measured round-robin with an `nn.Linear` of the same size in the same process. vkd's engine also calls
+# `vkd.retract_` after every optimiser step (it resets the free parameters to the same P, see
+# `vkd.projectors`); that is timed alongside (`retract_ms`), so the table gives a training step's ratio to
+# `nn.Linear` (`step_ratio_to_linear`) next to the forward+backward one.
 
 # %%
 frames = []
@@ -102,7 +105,8 @@ cost = pd.concat(frames, ignore_index=True)
 cost = cost.assign(device=device_description(torch.device("cpu")), threads=torch.get_num_threads(), seed=seed,
                    profile=profile, git=git_revision())
 cost.to_csv(out / "00_projector_cost.csv", index=False)
-cost.pivot_table(index=["student_dim", "teacher_dim"], columns="method", values="ratio_to_linear").round(2)
+cost.pivot_table(index=["student_dim", "teacher_dim"], columns="method",
+                 values=["ratio_to_linear", "step_ratio_to_linear"]).round(2)
 
 # %%
 grid = sns.relplot(data=cost, x="teacher_dim", y="ms", hue="method", col="student_dim", kind="line",
@@ -139,11 +143,14 @@ steps.pivot_table(index=["student_dim", "teacher_dim"], columns="method", values
 # * All orthogonal methods reach max|PᵀP − I| ≈ 1e-7 (CSV column `orthogonality_error`).
 # * `"exp"` (the paper, evaluated in float64 for exactness: a d_t² matrix times d_s columns, about
 #   23 times at initialisation) and `"householder"` (the released code) grow steeply with d_t --
-#   seconds per step at d_t = 3024; `"stiefel"` stays within about 2x of `nn.Linear` at d_s = 192
-#   (see the ratio table and `python -m vkd bench projectors`).
+#   seconds per step at d_t = 3024; `"stiefel"`'s forward+backward stays within about 2x of `nn.Linear` at
+#   d_s = 192 (see the ratio table and `python -m vkd bench projectors`). Its retraction after each step costs
+#   about another half of the linear layer's forward+backward there (`step_ratio_to_linear`), and more at
+#   d_s = 384: both it and the Gram matrix of the forward pass cost d_t·d_s², against the layer's batch·d_t·d_s.
 # * Exact parametrisations are not interchangeable at a fixed learning rate: the step they take on P differs
 #   by the factors in the last table (the quick CIFAR runs of notebook 01 compare them in accuracy).
 
 # %%
-print(cost.loc[cost.teacher_dim == max(teacher_dims), ["method", "student_dim", "ms", "ratio_to_linear",
-                                                        "orthogonality_error"]].to_string(index=False))
+columns = ["method", "student_dim", "ms", "ratio_to_linear", "retract_ms", "step_ratio_to_linear",
+           "orthogonality_error"]
+print(cost.loc[cost.teacher_dim == max(teacher_dims), columns].to_string(index=False))

@@ -203,6 +203,11 @@ def test_bench_reports_every_method_against_linear():
     assert len(table) == 2 * (1 + len(ORTHOGONAL_METHODS))
     assert (table.loc[table.method == "linear", "ratio_to_linear"] == 1).all()
     assert (table.loc[table.method != "linear", "orthogonality_error"] <= 1e-5).all()
+    # a training step also pays for retract_ (timed separately; nn.Linear has none)
+    linear = table.method == "linear"
+    assert (table.loc[linear, "retract_ms"] == 0).all() and (table.loc[~linear, "retract_ms"] > 0).all()
+    expected = table.ratio_to_linear * (1 + table.retract_ms / table.ms)
+    assert (table.step_ratio_to_linear - expected).abs().max() < 1e-9
 
 
 @pytest.mark.parametrize("method", ORTHOGONAL_METHODS)

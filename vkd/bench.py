@@ -22,7 +22,7 @@ from .engine import (
     train_step,
 )
 from .models import check_model_names
-from .projectors import ORTHOGONAL_METHODS, OrthogonalProjector
+from .projectors import ORTHOGONAL_METHODS, OrthogonalProjector, retract_
 from .runtime import resolve_device
 
 RECIPE_SGD = dict(name="sgd", lr=0.05, weight_decay=5e-4, momentum=0.9)  # the CIFAR recipe's optimiser
@@ -33,6 +33,14 @@ def _forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) ->
         module.zero_grad(set_to_none=True)
         x.grad = None
         module(x).backward(grad)
+
+    return step
+
+
+def _retraction(module: nn.Module) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            retract_(module)
 
     return step
 
@@ -82,9 +90,12 @@ def bench_projectors(
     seed: int = 0,
     device: str = "cpu",
 ) -> pd.DataFrame:
-    """Forward+backward time of each orthogonal method vs ``nn.Linear`` (same sizes, same process, float32).
+    """Forward+backward time of each orthogonal method vs ``nn.Linear`` (same sizes, same process, float32),
+    and the time of ``retract_``, which vkd's engine calls after every optimiser step.
 
-    Returns one row per (method, d_s, d_t): ms, ratio_to_linear, orthogonality_error = max|PᵀP - I|."""
+    Returns one row per (method, d_s, d_t): ms (forward+backward), ratio_to_linear, retract_ms (0 for
+    ``nn.Linear``), step_ratio_to_linear = (ms + retract_ms) / linear's ms (what a training step pays for the
+    projector) and orthogonality_error = max|PᵀP - I|."""
     torch.manual_seed(seed)
     device = resolve_device(device)
     rows = []
@@ -97,9 +108,12 @@ def bench_projectors(
             modules: dict[str, nn.Module] = {"linear": nn.Linear(d_s, d_t, bias=False)}
             modules.update({m: OrthogonalProjector(d_s, d_t, method=m) for m in methods})
             modules = {name: module.to(device) for name, module in modules.items()}
-            seconds = time_interleaved({n: synchronized(_forward_backward(m, x, grad), device)
-                                        for n, m in modules.items()}, reps, warmup=3 if device.type == "cuda" else 0)
+            steps = {n: synchronized(_forward_backward(m, x, grad), device) for n, m in modules.items()}
+            retractions = {n: synchronized(_retraction(m), device) for n, m in modules.items() if n != "linear"}
+            seconds = time_interleaved({**steps, **{f"retract_ {n}": r for n, r in retractions.items()}}, reps,
+                                       warmup=3 if device.type == "cuda" else 0)
             for name, module in modules.items():
+                retract_s = seconds.get(f"retract_ {name}", 0.0)
                 with torch.no_grad():
                     w = module.weight.double()
                     eye = torch.eye(d_s, dtype=w.dtype, device=device)
@@ -107,7 +121,9 @@ def bench_projectors(
                 rows.append(
                     dict(
                         method=name, student_dim=d_s, teacher_dim=d_t, batch=batch, ms=seconds[name] * 1e3,
-                        ratio_to_linear=seconds[name] / seconds["linear"], orthogonality_error=error,
+                        ratio_to_linear=seconds[name] / seconds["linear"], retract_ms=retract_s * 1e3,
+                        step_ratio_to_linear=(seconds[name] + retract_s) / seconds["linear"],
+                        orthogonality_error=error,
                     )
                 )
     return pd.DataFrame(rows)

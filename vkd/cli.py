@@ -203,7 +203,8 @@ def _bench(args) -> None:
 
         table = bench_projectors(args.student_dims, args.teacher_dims, args.methods or ORTHOGONAL_METHODS,
                                  args.batch, args.reps, device=args.device)
-        print(f"forward+backward, batch {args.batch}, float32, {_where(args.device)}")
+        print(f"forward+backward (ms), batch {args.batch}, float32, {_where(args.device)}; retract_ms: vkd.retract_, "
+              "which the engine runs after every optimiser step, so a training step pays step_ratio_to_linear")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.what == "train":
 

@@ -26,14 +26,22 @@ class CheckpointMismatchError(ValueError):
     """A weights file is not the one expected: another checksum, or weights that do not fit the model."""
 
 
-def checked_file(path: str | Path, expected_sha256: str | None = None,
-                 missing_hint: str = "train the teacher first (notebook 01) or give its path",
-                 what: str = "checkpoint") -> tuple[Path, str]:
-    """``path`` resolved, and its sha256 (checked against ``expected_sha256`` when given); a missing file is
-    refused as "no ``what`` at ``path``: ``missing_hint``"."""
+TEACHER_HINT = "train the teacher first (notebook 01) or give its path"
+
+
+def existing_file(path: str | Path, what: str = "checkpoint", missing_hint: str = TEACHER_HINT) -> Path:
+    """``path`` resolved; a missing file is refused as "no ``what`` at ``path``: ``missing_hint``"."""
     path = resolve(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {path}: {missing_hint}")
+    return path
+
+
+def checked_file(path: str | Path, expected_sha256: str | None = None, missing_hint: str = TEACHER_HINT,
+                 what: str = "checkpoint") -> tuple[Path, str]:
+    """``path`` resolved (see :func:`existing_file`), and its sha256 (checked against ``expected_sha256``
+    when given)."""
+    path = existing_file(path, what, missing_hint)
     digest = sha256(path)
     if expected_sha256 and digest != expected_sha256:
         raise CheckpointMismatchError(f"checksum mismatch for {path}: expected sha256 {expected_sha256}, got {digest}")
@@ -95,8 +103,8 @@ def export_weights(run_dir: str | Path, path: str | Path, half: bool = True) -> 
     :func:`load_weights`); returns its description: path, sha256, arch, test accuracy (last epoch, %)."""
     run_dir = resolve(run_dir)
     for name in ("model.pt", "summary.json"):
-        checked_file(run_dir / name, what=f"finished run ({name})",
-                     missing_hint="a run writes model.pt and summary.json when its last epoch ends")
+        existing_file(run_dir / name, what=f"finished run ({name})",
+                      missing_hint="a run writes model.pt and summary.json when its last epoch ends")
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)
     summary = json.loads((run_dir / "summary.json").read_text())
     if half:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torchvision import datasets
 from tqdm.auto import tqdm
 
-from .paths import progress_default, resolve, save_atomic
+from .paths import check_fraction, progress_default, resolve, save_atomic
 
 ARCHIVE_ENV = "VKD_CIFAR10_ARCHIVE"
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
@@ -168,8 +168,7 @@ def small_imagefolder(source: str | Path, target: str | Path, per_class: int, si
 
 def stratified_indices(targets, fraction: float, seed: int = 0) -> np.ndarray:
     """Sorted indices of a class-stratified random ``fraction`` of the samples (at least one per class)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    check_fraction(fraction)
     targets = np.asarray(targets)
     rng = np.random.default_rng(seed)
     chosen = []

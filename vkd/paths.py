@@ -57,13 +57,19 @@ def portable(path: str | Path) -> str:
     return absolute.relative_to(root).as_posix() if absolute.is_relative_to(root) else str(absolute)
 
 
+def check_fraction(fraction: float) -> float:
+    """``fraction`` of a dataset to use, refused unless it lies in (0, 1]."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return fraction
+
+
 def run_group(dataset: str, fraction: float, profile: str = "") -> str:
     """The name of the runs of one dataset (or method), data fraction and profile: ``cifar10-jpeg-10pct-quick``.
 
     The notebooks name their run folders (and 06 its runs) with it; notebooks that train the same teacher
     (same settings) thus find one run folder and share it."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    check_fraction(fraction)
     return "-".join(part for part in (dataset, f"{fraction * 100:g}pct", profile) if part)
 
 

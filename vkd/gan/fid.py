@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ..checkpoints import checked_file
+from ..checkpoints import existing_file
 from ..extras import optional_import
 from .features import ImageEmbedding
 
@@ -50,8 +50,8 @@ class FID:
             optional_import("torch_fidelity", "gan")  # torchmetrics' Inception-v3 comes from it
             weights = None
             if inception_weights:
-                weights, _ = checked_file(inception_weights, what="Inception weights",
-                                          missing_hint=f"download {INCEPTION_WEIGHTS_URL} and give its path")
+                weights = existing_file(inception_weights, what="Inception weights",
+                                        missing_hint=f"download {INCEPTION_WEIGHTS_URL} and give its path")
             try:
                 metric = FrechetInceptionDistance(
                     feature=2048, reset_real_features=False, antialias=False,

@@ -109,7 +109,8 @@ def bench_projectors(
             modules.update({m: OrthogonalProjector(d_s, d_t, method=m) for m in methods})
             modules = {name: module.to(device) for name, module in modules.items()}
             steps = {n: synchronized(_forward_backward(m, x, grad), device) for n, m in modules.items()}
-            retractions = {n: synchronized(_retraction(m), device) for n, m in modules.items() if n != "linear"}
+            retractions = {n: synchronized(_retraction(m), device) for n, m in modules.items()
+                           if isinstance(m, OrthogonalProjector)}
             seconds = time_interleaved({**steps, **{f"retract_ {n}": r for n, r in retractions.items()}}, reps,
                                        warmup=3 if device.type == "cuda" else 0)
             for name, module in modules.items():
@@ -117,7 +118,7 @@ def bench_projectors(
                 with torch.no_grad():
                     w = module.weight.double()
                     eye = torch.eye(d_s, dtype=w.dtype, device=device)
-                    error = (w.mT @ w - eye).abs().max().item() if name != "linear" else float("nan")
+                    error = (w.mT @ w - eye).abs().max().item() if name in retractions else float("nan")
                 rows.append(
                     dict(
                         method=name, student_dim=d_s, teacher_dim=d_t, batch=batch, ms=seconds[name] * 1e3,

@@ -5,7 +5,7 @@
 ``layernorm``  each sample standardised over its d features, no affine (VkD, discriminative tasks)
 ``batchnorm``  each feature standardised over the batch, no affine, batch statistics (SRD)
 ``whiten``     batch whitening (VkD, generative tasks): centre over the batch, then multiply by the
-               inverse square root (``whiten_method="zca"``) or inverse Cholesky factor (``"cholesky"``)
+               inverse square root (``method="zca"``) or inverse Cholesky factor (``"cholesky"``)
                of the shrunk covariance Σ + eps·σ̄²·I, σ̄² = tr(Σ)/d (so eps is scale free).  Σ uses
                the biased 1/B estimator, so a whitened batch has covariance Σ (Σ + eps·σ̄²·I)⁻¹ ≈ I;
                eps > 0 keeps it finite when B < d.

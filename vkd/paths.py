@@ -57,11 +57,10 @@ def portable(path: str | Path) -> str:
     return absolute.relative_to(root).as_posix() if absolute.is_relative_to(root) else str(absolute)
 
 
-def check_fraction(fraction: float) -> float:
-    """``fraction`` of a dataset to use, refused unless it lies in (0, 1]."""
+def check_fraction(fraction: float) -> None:
+    """Refuse (ValueError) a fraction of a dataset outside (0, 1]."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    return fraction
 
 
 def run_group(dataset: str, fraction: float, profile: str = "") -> str:

@@ -6,6 +6,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import pandas as pd
 import timm
@@ -33,14 +34,6 @@ def _forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) ->
         module.zero_grad(set_to_none=True)
         x.grad = None
         module(x).backward(grad)
-
-    return step
-
-
-def _retraction(module: nn.Module) -> Callable[[], None]:
-    def step() -> None:
-        with torch.no_grad():
-            retract_(module)
 
     return step
 
@@ -109,7 +102,7 @@ def bench_projectors(
             modules.update({m: OrthogonalProjector(d_s, d_t, method=m) for m in methods})
             modules = {name: module.to(device) for name, module in modules.items()}
             steps = {n: synchronized(_forward_backward(m, x, grad), device) for n, m in modules.items()}
-            retractions = {n: synchronized(_retraction(m), device) for n, m in modules.items()
+            retractions = {n: synchronized(partial(retract_, m), device) for n, m in modules.items()
                            if isinstance(m, OrthogonalProjector)}
             seconds = time_interleaved({**steps, **{f"retract_ {n}": r for n, r in retractions.items()}}, reps,
                                        warmup=3 if device.type == "cuda" else 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from functools import partial
 
 import pandas as pd
@@ -38,8 +38,8 @@ def _forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) ->
     return step
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], reps: int = 20, slow_s: float = 1.0,
-                     warmup: int = 0) -> dict[str, float]:
+def time_interleaved(steps: dict[Hashable, Callable[[], None]], reps: int = 20, slow_s: float = 1.0,
+                     warmup: int = 0) -> dict[Hashable, float]:
     """Median seconds per call of each step, run round-robin so drifts in machine speed hit all alike.
 
     Each step first runs ``warmup`` untimed calls (GPU: kernel selection, allocator).  A step whose
@@ -101,22 +101,22 @@ def bench_projectors(
             modules: dict[str, nn.Module] = {"linear": nn.Linear(d_s, d_t, bias=False)}
             modules.update({m: OrthogonalProjector(d_s, d_t, method=m) for m in methods})
             modules = {name: module.to(device) for name, module in modules.items()}
-            steps = {n: synchronized(_forward_backward(m, x, grad), device) for n, m in modules.items()}
-            retractions = {n: synchronized(partial(retract_, m), device) for n, m in modules.items()
-                           if isinstance(m, OrthogonalProjector)}
-            seconds = time_interleaved({**steps, **{f"retract_ {n}": r for n, r in retractions.items()}}, reps,
-                                       warmup=3 if device.type == "cuda" else 0)
+            calls = {("step", n): synchronized(_forward_backward(m, x, grad), device) for n, m in modules.items()}
+            calls.update({("retract", n): synchronized(partial(retract_, m), device) for n, m in modules.items()
+                          if isinstance(m, OrthogonalProjector)})
+            seconds = time_interleaved(calls, reps, warmup=3 if device.type == "cuda" else 0)
             for name, module in modules.items():
-                retract_s = seconds.get(f"retract_ {name}", 0.0)
+                step_s, retract_s = seconds["step", name], seconds.get(("retract", name), 0.0)
                 with torch.no_grad():
                     w = module.weight.double()
                     eye = torch.eye(d_s, dtype=w.dtype, device=device)
-                    error = (w.mT @ w - eye).abs().max().item() if name in retractions else float("nan")
+                    orthogonal = isinstance(module, OrthogonalProjector)
+                    error = (w.mT @ w - eye).abs().max().item() if orthogonal else float("nan")
                 rows.append(
                     dict(
-                        method=name, student_dim=d_s, teacher_dim=d_t, batch=batch, ms=seconds[name] * 1e3,
-                        ratio_to_linear=seconds[name] / seconds["linear"], retract_ms=retract_s * 1e3,
-                        step_ratio_to_linear=(seconds[name] + retract_s) / seconds["linear"],
+                        method=name, student_dim=d_s, teacher_dim=d_t, batch=batch, ms=step_s * 1e3,
+                        ratio_to_linear=step_s / seconds["step", "linear"], retract_ms=retract_s * 1e3,
+                        step_ratio_to_linear=(step_s + retract_s) / seconds["step", "linear"],
                         orthogonality_error=error,
                     )
                 )

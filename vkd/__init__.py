@@ -1,6 +1,6 @@
 """vkd: orthogonal-projection knowledge distillation (VkD, CVPR 2024) and the projector study (SRD, AAAI 2024)."""
 
-from . import models  # noqa: E402,F401  (registers the CIFAR models with timm)
+from . import models  # noqa: F401  (registers the CIFAR models with timm)
 from .losses import (
     DISTANCES,
     DKDLoss,

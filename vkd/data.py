@@ -9,6 +9,7 @@ models are not starved by the loader.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tarfile
@@ -140,8 +141,6 @@ def evaluation_split(path: str | Path) -> str:
 
 def folder_subset(dataset: datasets.ImageFolder, indices) -> datasets.ImageFolder:
     """A shallow copy of ``dataset`` holding only the samples at ``indices``."""
-    import copy
-
     subset = copy.copy(dataset)
     subset.samples = [dataset.samples[i] for i in indices]
     subset.imgs, subset.targets = subset.samples, [label for _, label in subset.samples]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .checkpoints import sha256
 from .extras import optional_import
 from .paths import checkout_path, resolve
 
@@ -39,8 +40,6 @@ def committed_teacher_row(checkpoint: str | Path) -> dict | None:
     """The results-table row of a committed teacher (``data/teachers/teachers.csv``: its measured test top-1,
     training epochs, batch, wall time, device), or None when ``checkpoint`` is not that file (by sha256) or no
     checkout's ``data/teachers/teachers.csv`` is at hand."""
-    from .checkpoints import sha256
-
     path, teachers = resolve(checkpoint), resolve(TEACHERS)
     if not teachers.is_file():
         return None

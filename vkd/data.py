@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
+from timm.data import auto_augment
 from torchvision import datasets
 from tqdm.auto import tqdm
 
@@ -117,8 +119,6 @@ def _posterize(img, bits_to_keep, **__):
     The DeiT policy "rand-m9-mstd0.5-inc1" draws 0 bits at its highest magnitude; timm (1.0.x)
     passes that to Pillow, whose newer versions refuse it ("bits must be between or equal to 1 and
     8") and would stop a training run at a random step."""
-    from PIL import Image, ImageOps
-
     if bits_to_keep >= 8:
         return img
     if bits_to_keep <= 0:
@@ -128,8 +128,6 @@ def _posterize(img, bits_to_keep, **__):
 
 def use_compatible_posterize() -> None:
     """Make timm's RandAugment use :func:`_posterize` (see there); called before building transforms."""
-    from timm.data import auto_augment
-
     for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
         auto_augment.NAME_TO_OP[name] = _posterize
 
@@ -153,8 +151,6 @@ def small_imagefolder(source: str | Path, target: str | Path, per_class: int, si
     source, target = resolve(source), resolve(target)
     if (target / "train").is_dir() and (target / "val").is_dir():
         return target
-    from PIL import Image
-
     for split, name in (("train", "train"), (evaluation_split(source), "val")):
         for folder in sorted(p for p in (source / split).iterdir() if p.is_dir()):
             out = target / name / folder.name

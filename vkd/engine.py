@@ -24,7 +24,8 @@ import pandas as pd
 import timm
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup
+import yaml
+from timm.data import Mixup, create_transform
 from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2, get_optimizer_class
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
@@ -98,8 +99,6 @@ class RunConfig:
     @classmethod
     def from_file(cls, path: str | Path, **overrides):
         """A config from a YAML (or JSON) file of its fields, then ``overrides``; unknown fields are refused."""
-        import yaml
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no config file at {path}")
@@ -285,8 +284,6 @@ def _split_loader(config: TrainConfig, device: torch.device, processes: Processe
     shard = dict(rank=processes.rank, world=processes.world)
     fraction = config.fraction if train else config.test_fraction
     if config.dataset == "imagefolder":
-        from timm.data import create_transform
-
         vdata.use_compatible_posterize()
         mean, std = vdata.stats("imagenet")
         common = dict(interpolation="bicubic", mean=mean, std=std)

@@ -107,11 +107,7 @@ def bench_projectors(
             seconds = time_interleaved(calls, reps, warmup=3 if device.type == "cuda" else 0)
             for name, module in modules.items():
                 step_s, retract_s = seconds["step", name], seconds.get(("retract", name), 0.0)
-                with torch.no_grad():
-                    w = module.weight.double()
-                    eye = torch.eye(d_s, dtype=w.dtype, device=device)
-                    orthogonal = isinstance(module, OrthogonalProjector)
-                    error = (w.mT @ w - eye).abs().max().item() if orthogonal else float("nan")
+                error = _orthogonality_error(module.weight) if isinstance(module, OrthogonalProjector) else float("nan")
                 rows.append(
                     dict(
                         method=name, student_dim=d_s, teacher_dim=d_t, batch=batch, ms=step_s * 1e3,
@@ -121,6 +117,13 @@ def bench_projectors(
                     )
                 )
     return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def _orthogonality_error(weight: torch.Tensor) -> float:
+    """max|PᵀP - I| of a (d_t, d_s) weight, in float64."""
+    w = weight.double()
+    return (w.mT @ w - torch.eye(w.shape[1], dtype=w.dtype, device=w.device)).abs().max().item()
 
 
 def _seeded_device(device: str, seed: int) -> torch.device:

@@ -369,6 +369,17 @@ def test_train_command_reads_a_config_and_refuses_unknown_settings(data_root, tm
     assert "unknown TrainConfig setting(s) 'learning_rate'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, kind", [("train", TrainConfig), ("gan", GANConfig)])
+def test_the_help_of_train_and_gan_lists_every_field_with_its_default(command, kind, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "10000")  # one line: argparse would otherwise wrap inside a value
+    with pytest.raises(SystemExit) as exit_status:
+        main([command, "--help"])
+    assert exit_status.value.code == 0
+    help_text = capsys.readouterr().out
+    for name, value in vars(kind()).items():
+        assert f"{name}={value!r}" in help_text
+
+
 @pytest.mark.parametrize("setting, message", [
     (["student", "resnet9"], "unknown model 'resnet9': expected one of vkd's CIFAR models resnet8, resnet20"),
     (["teacher", "resnet33x4"], "unknown model 'resnet33x4'"),

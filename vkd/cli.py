@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
 import yaml
 
+from .engine import TrainConfig
 from .extras import MissingExtraError
+from .gan import GANConfig
 
 
 def _refused(error: Exception, status: int = 2) -> int:
@@ -19,6 +22,11 @@ def _refused(error: Exception, status: int = 2) -> int:
 
 def _parse_overrides(pairs: list[list[str]] | None) -> dict:
     return {name: yaml.safe_load(value) for name, value in (pairs or [])}
+
+
+def _fields_help(kind: type) -> str:
+    """The fields of the run configuration ``kind`` with their defaults, for its command's --help."""
+    return "fields (with their defaults): " + ", ".join(f"{name}={value!r}" for name, value in asdict(kind()).items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,14 +50,15 @@ def main(argv: list[str] | None = None) -> int:
 
     training_run = commands.add_parser(
         "train", help="train one run (student, optional teacher, method); under torchrun, one process per GPU "
-        "(or CPU process, gloo) with DistributedDataParallel")
+        "(or CPU process, gloo) with DistributedDataParallel", epilog=_fields_help(TrainConfig))
     training_run.add_argument("--stop-after-epoch", type=int, metavar="N", dest="stop_after",
                               help="end after epoch N as if interrupted (the checkpoint resumes it)")
-    gan_run = commands.add_parser("gan", help="train one data-limited GAN run (vkd.gan.GANConfig)")
+    gan_run = commands.add_parser("gan", help="train one data-limited GAN run (vkd.gan.GANConfig)",
+                                  epilog=_fields_help(GANConfig))
     gan_run.add_argument("--stop-after-iteration", type=int, metavar="N", dest="stop_after",
                          help="end after the checkpoint at iteration N as if interrupted (the checkpoint resumes it)")
     for sub, kind in ((training_run, "vkd.engine.TrainConfig"), (gan_run, "vkd.gan.GANConfig")):
-        sub.add_argument("--config", help=f"YAML file of {kind} fields")
+        sub.add_argument("--config", help=f"YAML file of {kind} fields (listed below)")
         sub.add_argument("-s", "--set", nargs=2, action="append", metavar=("FIELD", "VALUE"),
                          help="override a field (VALUE is read as YAML)")
         sub.add_argument("--named", metavar="PREFIX", help="name the run PREFIX-<digest of its settings>")
@@ -140,11 +149,7 @@ def _command(args) -> int:
             return _refused(error, 1)
         return 0
     if args.command in ("train", "gan"):
-        if args.command == "train":
-            from .engine import TrainConfig as kind
-        else:
-            from .gan import GANConfig as kind
-
+        kind = TrainConfig if args.command == "train" else GANConfig
         overrides = _parse_overrides(args.set)
         try:
             config = kind.from_file(args.config, **overrides) if args.config else kind.from_values(**overrides)

@@ -50,15 +50,16 @@ def main(argv: list[str] | None = None) -> int:
 
     training_run = commands.add_parser(
         "train", help="train one run (student, optional teacher, method); under torchrun, one process per GPU "
-        "(or CPU process, gloo) with DistributedDataParallel", epilog=_fields_help(TrainConfig))
+        "(or CPU process, gloo) with DistributedDataParallel")
     training_run.add_argument("--stop-after-epoch", type=int, metavar="N", dest="stop_after",
                               help="end after epoch N as if interrupted (the checkpoint resumes it)")
-    gan_run = commands.add_parser("gan", help="train one data-limited GAN run (vkd.gan.GANConfig)",
-                                  epilog=_fields_help(GANConfig))
+    gan_run = commands.add_parser("gan", help="train one data-limited GAN run (vkd.gan.GANConfig)")
     gan_run.add_argument("--stop-after-iteration", type=int, metavar="N", dest="stop_after",
                          help="end after the checkpoint at iteration N as if interrupted (the checkpoint resumes it)")
-    for sub, kind in ((training_run, "vkd.engine.TrainConfig"), (gan_run, "vkd.gan.GANConfig")):
-        sub.add_argument("--config", help=f"YAML file of {kind} fields (listed below)")
+    for sub, kind, name in ((training_run, TrainConfig, "vkd.engine.TrainConfig"),
+                            (gan_run, GANConfig, "vkd.gan.GANConfig")):
+        sub.epilog = _fields_help(kind)
+        sub.add_argument("--config", help=f"YAML file of {name} fields (listed below)")
         sub.add_argument("-s", "--set", nargs=2, action="append", metavar=("FIELD", "VALUE"),
                          help="override a field (VALUE is read as YAML)")
         sub.add_argument("--named", metavar="PREFIX", help="name the run PREFIX-<digest of its settings>")

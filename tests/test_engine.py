@@ -418,12 +418,17 @@ def test_a_config_with_an_unknown_model_method_or_option_is_refused_when_made(se
     ("train", {"dataset": "cifar11"}, "dataset must be one of ('cifar10', 'cifar10-jpeg', 'cifar100', 'imagefolder')"),
     ("gan", {"eval_every": 0}, "GANConfig: eval_every must be at least 1, got 0"),
     ("gan", {"checkpoint_every": 0}, "GANConfig: checkpoint_every must be at least 1, got 0"),
+    ("train", {"optimizer": "adamm"}, "optimizer must be a timm optimizer name, e.g. 'sgd' or 'adamw'"),
+    ("train", {"milestones": [150, 180, 210]}, "milestones must be increasing fractions of the run in (0, 1]"),
+    ("train", {"milestones": [0.75, 0.5]}, "milestones must be increasing fractions of the run in (0, 1]"),
+    ("train", {"weight_decay": -1e-4, "ema_decay": 1.0},
+     "weight_decay must be at least 0, got -0.0001; ema_decay must be in [0, 1), got 1.0"),
 ])
 def test_a_config_that_cannot_train_is_refused_when_made(command, settings, message, capsys):
     """Before any data is read: `python -m vkd train` (`gan`) answers with the reason, not a traceback from the run."""
     with pytest.raises(ValueError, match=re.escape(message)):
         {"train": TrainConfig, "gan": GANConfig}[command].from_values(**settings)
-    overrides = [word for key, value in settings.items() for word in ("-s", key, yaml.safe_dump(value))]
+    overrides = [word for key, value in settings.items() for word in ("-s", key, json.dumps(value))]
     assert main([command, *overrides]) == 2
     assert message in capsys.readouterr().err
 

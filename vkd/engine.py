@@ -220,7 +220,17 @@ class TrainConfig(RunConfig):
                 ("epochs", self.epochs >= 1, "at least 1"),
                 ("batch_size", self.batch_size >= 1, "at least 1"),
                 ("lr", self.lr > 0, "positive"),
+                ("optimizer", is_timm_optimizer(self.optimizer),
+                 "a timm optimizer name, e.g. 'sgd' or 'adamw' (timm.optim.list_optimizers())"),
                 ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+                ("milestones", all(isinstance(f, (int, float)) and 0 < f <= 1 for f in self.milestones)
+                 and list(self.milestones) == sorted(self.milestones),
+                 "increasing fractions of the run in (0, 1], e.g. (0.625, 0.75, 0.875): epochs 150/180/210 of 240"),
+                *((name, getattr(self, name) >= 0, "at least 0")
+                  for name in ("momentum", "weight_decay", "mixup", "cutmix", "clip_grad")),
+                *((name, 0 <= getattr(self, name) < 1, "in [0, 1)")
+                  for name in ("label_smoothing", "drop_path", "ema_decay")),
+                ("reprob", 0 <= self.reprob <= 1, "in [0, 1]"),
                 ("warmup_epochs", self.warmup_epochs >= 0, "at least 0"),
                 ("teacher_cache_views", self.teacher_cache_views >= 0, "at least 0 (0: no cache)")]
 
@@ -229,6 +239,15 @@ class TrainConfig(RunConfig):
 
 
 SCHEDULES = ("multistep", "cosine")
+
+
+def is_timm_optimizer(name: str) -> bool:
+    """Whether timm's optimizer registry knows ``name`` (the names :func:`build_optimizer` accepts)."""
+    try:
+        get_optimizer_class(name, bind_defaults=False)
+    except ValueError:
+        return False
+    return True
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

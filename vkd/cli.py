@@ -69,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--model", help="timm model name (default: the one the checkpoint records)")
     evaluation.add_argument("--dataset", default="imagefolder", help="imagefolder | cifar10-jpeg | cifar10 | cifar100")
     evaluation.add_argument("--data-root", default="data", help="imagefolder: the folder holding val/ (or test/)")
-    evaluation.add_argument("--image-size", type=int, default=224)
-    evaluation.add_argument("--batch", type=int, default=256)
-    evaluation.add_argument("--workers", type=int, default=4)
+    evaluation.add_argument("--image-size", type=int, default=224,
+                            help="imagefolder: the evaluation size in pixels (default 224; CIFAR stays 32)")
+    evaluation.add_argument("--batch", type=int, default=256, help="imagefolder: images per batch (default 256)")
+    evaluation.add_argument("--workers", type=int, default=4, help="imagefolder: data-loading processes (default 4)")
     evaluation.add_argument("--num-classes", type=int, help="default: the checkpoint's, else the dataset's")
-    evaluation.add_argument("--device", default="auto")
+    evaluation.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     evaluation.add_argument("-o", "--model-option", nargs=2, action="append", metavar=("NAME", "VALUE"),
                             help="a timm.create_model argument (VALUE read as YAML), e.g. -o img_size 32")
 

@@ -269,6 +269,27 @@ def test_gan_runs_in_parallel_processes_match_runs_in_this_process(tmp_path, tea
     assert main(["gan", "-s", "iteration", "4"]) == 2
 
 
+def test_inception_weights_that_cannot_be_downloaded_are_refused_before_the_first_iteration(tmp_path, monkeypatch,
+                                                                                            tiny_archive, capsys):
+    """Offline with no inception_weights: `python -m vkd gan` says where to get them, without a traceback."""
+    from urllib.error import URLError
+
+    import torchmetrics.image.fid
+
+    def offline(*args, **kwargs):
+        raise URLError("Name or service not known")
+
+    monkeypatch.setattr(torchmetrics.image.fid, "FrechetInceptionDistance", offline)
+    monkeypatch.setenv(data.ARCHIVE_ENV, str(tiny_archive))
+    with pytest.raises(FileNotFoundError, match="no Inception weights: torch-fidelity could not download them"):
+        FID("inception")
+    settings = dict(out_dir=str(tmp_path / "runs"), data_root=str(tmp_path / "data"), fraction=1.0, channels=8,
+                    z_dim=8, batch_size=4, iterations=2, eval_every=2, fid_samples=6, progress=False)
+    assert main(["gan", *(word for key, value in settings.items() for word in ("-s", key, json.dumps(value)))]) == 2
+    assert "error: no Inception weights: torch-fidelity could not download them" in capsys.readouterr().err
+    assert not (tmp_path / "runs/gan/checkpoint.pt").exists()
+
+
 def test_gan_config_errors(tmp_path, teacher):
     with pytest.raises(ValueError, match=r"embedding \(128-d\) is wider than the teacher's \(64-d\).*head_dim <= 64"):
         train_gan(gan_config(tmp_path, teacher, method="vkd", channels=128))

@@ -56,9 +56,13 @@ class FID:
                 metric = FrechetInceptionDistance(
                     feature=2048, reset_real_features=False, antialias=False,
                     feature_extractor_weights_path=str(weights) if weights else None)
-            except Exception as error:  # offline without a weights file: the download fails
-                raise RuntimeError(f"could not load the Inception weights ({type(error).__name__}: {error}); "
-                                   f"download {INCEPTION_WEIGHTS_URL} and pass it as inception_weights") from None
+            except Exception as error:
+                reason = f"({type(error).__name__}: {error})"
+                if weights:  # the file is there but is not the weights
+                    raise RuntimeError(f"could not load the Inception weights {weights} {reason}") from None
+                raise FileNotFoundError(  # offline, torch-fidelity's download fails
+                    f"no Inception weights: torch-fidelity could not download them {reason}; download "
+                    f"{INCEPTION_WEIGHTS_URL} and pass it as inception_weights") from None
             self.feature_space = "Inception-v3 pool3 (2048-d)"
         else:
             raise ValueError(f"FID features must be 'inception' or an ImageEmbedding, got {features!r}")

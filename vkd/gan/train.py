@@ -119,7 +119,13 @@ class GANConfig(RunConfig):
         return [("dataset", self.dataset in vdata.DATASETS, f"one of {vdata.DATASETS}"),
                 ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
                 *((name, getattr(self, name) >= 1, "at least 1")
-                  for name in ("channels", "iterations", "batch_size", "d_steps", "eval_every", "checkpoint_every")),
+                  for name in ("channels", "z_dim", "iterations", "batch_size", "d_steps", "eval_every",
+                               "checkpoint_every")),
+                *((name, getattr(self, name) >= 0, "at least 0") for name in ("head_dim", "kd_weight")),
+                *((name, getattr(self, name) > 0, "positive") for name in ("lr_g", "lr_d")),
+                ("betas", len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
+                 "two values in [0, 1), Adam's (beta1, beta2)"),
+                ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: evaluate the generator itself)"),
                 ("fid_samples", self.fid_samples >= 2, "at least 2 (a covariance)")]
 
     def run(self, stop_after: int | None = None) -> dict:

@@ -423,6 +423,9 @@ def test_a_config_with_an_unknown_model_method_or_option_is_refused_when_made(se
     ("train", {"milestones": [0.75, 0.5]}, "milestones must be increasing fractions of the run in (0, 1]"),
     ("gan", {"lr_d": 0, "betas": [0.9]}, "lr_d must be positive, got 0; betas must be two values in [0, 1)"),
     ("gan", {"z_dim": 0, "ema_decay": 1.5}, "z_dim must be at least 1, got 0; ema_decay must be in [0, 1)"),
+    ("train", {"method": "kd", "teacher": "resnet20", "teacher_checkpoint": "t.pt",
+               "method_options": {"kd_weight": -1, "temperature": 0}},
+     "method options: kd_weight must be at least 0, got -1; temperature must be positive, got 0"),
     ("train", {"weight_decay": -1e-4, "ema_decay": 1.0},
      "weight_decay must be at least 0, got -0.0001; ema_decay must be in [0, 1), got 1.0"),
 ])

@@ -29,7 +29,7 @@ from .losses import DKDLoss, FitNetLoss, KDLoss, SRDLoss, VkDLoss, get_distance,
 from .models import distillation_features
 from .normalization import get_normalization
 from .projectors import check_projector, retract_
-from .settings import wrong_types
+from .settings import wrong_settings
 
 METHODS = ("ce", "kd", "fitnet", "dkd", "srd", "vkd", "srd+dkd")
 
@@ -60,9 +60,9 @@ class MethodConfig:
     vkd_hidden: int = 1024  # hidden width of mlp / ensemble projectors
 
     def __post_init__(self):
-        """Refuse, before anything trains, an option of the wrong type and an unknown normalisation, distance,
-        projector or orthogonal method."""
-        wrong = wrong_types(self)
+        """Refuse, before anything trains, an option of the wrong type or outside its :meth:`limits` and an unknown
+        normalisation, distance, projector or orthogonal method."""
+        wrong = wrong_settings(self)
         if wrong:
             raise ValueError(f"method options: {'; '.join(wrong)}")
         for norm in (self.vkd_norm, self.srd_norm):
@@ -71,6 +71,14 @@ class MethodConfig:
             get_distance(distance)
         check_projector(self.srd_projector)
         check_projector(self.vkd_projector, self.vkd_method)
+
+    def limits(self) -> list[tuple[str, bool, str]]:
+        """``(option, whether its value is allowed, what it must be)`` for the options with a range."""
+        return [*((name, getattr(self, name) >= 0, "at least 0") for name in (
+                    "ce_weight", "kd_weight", "fitnet_weight", "dkd_weight", "srd_weight", "vkd_weight", "dkd_alpha",
+                    "dkd_beta", "dkd_warmup_epochs", "srd_alpha")),
+                ("temperature", self.temperature > 0, "positive"),
+                *((name, getattr(self, name) >= 1, "at least 1") for name in ("srd_hidden", "vkd_hidden"))]
 
     @classmethod
     def for_method(cls, method: str, **overrides) -> MethodConfig:

@@ -50,7 +50,7 @@ from .runtime import (
     set_rng_state,
     software_versions,
 )
-from .settings import wrong_types
+from .settings import wrong_settings
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,10 +69,7 @@ class RunConfig:
     def __post_init__(self):
         """Refuse a setting whose value is not of its field's declared type (a string where a number belongs),
         then one outside its :meth:`limits` (a fraction of 1.5, a batch of 0), naming each."""
-        wrong = wrong_types(self)
-        if not wrong:
-            wrong = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, holds, rule in self.limits()
-                     if not holds]
+        wrong = wrong_settings(self)
         if wrong:
             raise ValueError(f"{type(self).__name__}: {'; '.join(wrong)}")
 

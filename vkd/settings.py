@@ -32,3 +32,10 @@ def wrong_types(settings: Any) -> list[str]:
     type, ``"<field> expects <type>, got <value> (<its type>)"``."""
     return [f"{field.name} expects {field.type}, got {value!r} ({type(value).__name__})"
             for field in fields(settings) if not fits(field.type, value := getattr(settings, field.name))]
+
+
+def wrong_settings(settings: Any) -> list[str]:
+    """:func:`wrong_types`; when every type fits, ``"<field> must be <rule>, got <value>"`` for each of
+    ``settings.limits()`` -- ``(field, whether its value is allowed, what it must be)`` -- that does not hold."""
+    return wrong_types(settings) or [f"{name} must be {rule}, got {getattr(settings, name)!r}"
+                                     for name, holds, rule in settings.limits() if not holds]

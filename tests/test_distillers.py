@@ -51,3 +51,12 @@ def test_a_variant_is_its_method_with_its_own_options():
     check_methods(["ce", "srd"])  # a caller without per-entry options (notebook 04) ...
     with pytest.raises(ValueError, match=re.escape("'srd@a': this notebook takes no method_options")):
         check_methods(["srd", "srd@a"])  # ... refuses every variant
+
+
+def test_vkd_from_a_narrower_teacher_names_the_option_that_allows_it():
+    student, teacher = timm.create_model("resnet8x4", num_classes=10), timm.create_model("resnet20", num_classes=10)
+    with pytest.raises(ValueError, match="the student has 256 features, the teacher 64; .* vkd_projector to 'linear'"):
+        Distiller(student, teacher, MethodConfig.for_method("vkd"))
+    linear = Distiller(student, teacher, MethodConfig.for_method("vkd", vkd_projector="linear"))
+    _, terms = linear(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert terms["vkd"].isfinite()

@@ -167,6 +167,10 @@ class Distiller(nn.Module):
             self.losses["srd"] = SRDLoss(d_s, d_t, c.srd_alpha, c.srd_projector, projector_options=options,
                                          norm=c.srd_norm, distance=c.srd_distance)
         if c.vkd_weight:
+            if c.vkd_projector == "orthogonal" and d_s > d_t:
+                raise ValueError(f"VkD's orthogonal projector cannot reduce the width: the student has {d_s} features, "
+                                 f"the teacher {d_t}; distil from a teacher at least as wide, or set the method option "
+                                 f"vkd_projector to 'linear'")
             options = {"hidden": c.vkd_hidden} if c.vkd_projector in ("mlp", "ensemble") else {}
             self.losses["vkd"] = VkDLoss(d_s, d_t, c.vkd_norm, c.vkd_distance, c.vkd_method, c.vkd_projector,
                                          projector_options=options)

@@ -1,4 +1,5 @@
 import multiprocessing
+import sys
 import tarfile
 
 import numpy as np
@@ -20,6 +21,37 @@ def test_archive_is_extracted_once_and_decoded_to_tensors(tmp_path, monkeypatch,
     assert tensors.images.shape == (6, 3, 32, 32) and tensors.images.dtype == torch.uint8
     assert tensors.labels.tolist() == [0, 0, 0, 1, 1, 1] and tensors.classes == ["cat", "dog"]
     assert (root / "cifar10-jpeg-train.pt").is_file()
+
+
+def _extract_in_step(barrier, roots):
+    """Extract into each of ``roots`` together with the other processes; exit with the number of failures."""
+    failures = 0
+    for root in roots:
+        barrier.wait()  # every process starts on the same fresh folder at once
+        try:
+            data.cifar10_jpeg_dir(root)
+        except OSError:
+            failures += 1
+    sys.exit(failures)
+
+
+def test_processes_extracting_the_archive_at_once_all_get_one_whole_folder(tmp_path, monkeypatch, tiny_archive):
+    """Runs started together (train_many, torchrun) extract the archive together; each gets the same complete
+    folder. (A check-then-move once failed 38 of 600 such processes with FileExistsError, and left a nested
+    cifar10/cifar10 in 20 folders.)"""
+    monkeypatch.setenv(data.ARCHIVE_ENV, str(tiny_archive))
+    roots = [tmp_path / f"data{i}" for i in range(40)]
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(4, timeout=60)
+    workers = [context.Process(target=_extract_in_step, args=(barrier, roots)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert [worker.exitcode for worker in workers] == [0] * 4
+    for root in roots:
+        assert [p.name for p in root.iterdir()] == ["cifar10"]  # no temporary folder left behind
+        assert sorted(p.name for p in (root / "cifar10").iterdir()) == ["test", "train"]
 
 
 def test_missing_data_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ def cifar10_jpeg_dir(root: str | Path = "data") -> Path:
     The archive is taken from ``$VKD_CIFAR10_ARCHIVE`` or ``root/cifar10-jpeg.tar.gz``."""
     root = resolve(root)
     target = root / "cifar10"
-    if (target / "train").is_dir() and (target / "test").is_dir():
+    if _has_both_splits(target):
         return target
     archive = next((p for p in _archive_candidates(root) if p.is_file()), None)
     if archive is None:
@@ -71,16 +70,23 @@ def cifar10_jpeg_dir(root: str | Path = "data") -> Path:
     try:
         with tempfile.TemporaryDirectory(dir=root) as tmp, tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
-            extracted = next((d.parent for d in Path(tmp).rglob("train") if (d.parent / "test").is_dir()), None)
+            extracted = next((d.parent for d in Path(tmp).rglob("train") if _has_both_splits(d.parent)), None)
             if extracted is None:
                 raise DataNotFoundError(f"{archive} holds no CIFAR-10 in ImageFolder layout: expected a folder with "
                                         f"train/ and test/, each with one folder of images per class")
-            if not target.exists():  # another process may have finished first
-                shutil.move(str(extracted), target)
+            try:  # one atomic rename: the complete tree appears at once, and only one process's does
+                os.rename(extracted, target)
+            except OSError:  # another process's rename came first
+                if not _has_both_splits(target):
+                    raise
     except tarfile.TarError:
         raise DataNotFoundError(f"{archive} is not a readable tar archive (truncated, or another kind of file); "
                                 f"expected {ARCHIVE_NAME}, see data/README.md") from None
     return target
+
+
+def _has_both_splits(folder: Path) -> bool:
+    return (folder / "train").is_dir() and (folder / "test").is_dir()
 
 
 def image_dataset(name: str, split: str, root: str | Path = "data", download: bool = False, transform=None):

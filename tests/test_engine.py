@@ -438,6 +438,20 @@ def test_a_config_that_cannot_train_is_refused_when_made(command, settings, mess
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"student_options": {"depthh": 4}}, "student 'resnet8' does not take the student_options {'depthh': 4}"),
+    ({"student": "resnet8x4", "teacher": "resnet20", "method": "vkd"}, "the student has 256 features, the teacher 64"),
+])
+def test_models_that_cannot_train_as_configured_are_refused_in_one_line(data_root, tmp_path, settings, message, capsys):
+    """Found only once the models are built (after the data are read): still no traceback from `vkd train`."""
+    teacher = tmp_path / "resnet20.pt"  # weights for the tiny archive's 2 classes
+    torch.save(timm.create_model("resnet20", num_classes=2).state_dict(), teacher)
+    settings = {"out_dir": str(tmp_path / "runs"), "data_root": str(data_root), "student": "resnet8", "epochs": 1,
+                "batch_size": 2, "teacher_checkpoint": str(teacher) if "teacher" in settings else None, **settings}
+    assert main(["train", *(word for key, value in settings.items() for word in ("-s", key, json.dumps(value)))]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_an_interrupted_train_many_leaves_no_training_process_behind(data_root, tmp_path, monkeypatch):
     started, start = [], launch._start
     monkeypatch.setattr(launch, "_start", lambda *args: started.append(start(*args)) or started[-1])

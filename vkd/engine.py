@@ -277,7 +277,11 @@ def build_distiller(config: TrainConfig, num_classes: int) -> tuple[Distiller, s
     """A new student (timm, ``num_classes`` outputs), ``config``'s frozen teacher and the method's loss
     modules, on the CPU; and the teacher checkpoint's sha256 (None without a teacher file)."""
     options = {**config.student_options, **({"drop_path_rate": config.drop_path} if config.drop_path else {})}
-    student = timm.create_model(config.student, num_classes=num_classes, **options)
+    try:
+        student = timm.create_model(config.student, num_classes=num_classes, **options)
+    except TypeError as error:  # an argument the model does not take
+        raise ValueError(f"student {config.student!r} does not take the student_options {config.student_options} "
+                         f"({error})") from None
     teacher, teacher_digest = build_teacher(config, num_classes)
     return Distiller(student, teacher, MethodConfig.for_method(config.method, **config.method_options)), teacher_digest
 

@@ -439,7 +439,8 @@ def test_a_config_that_cannot_train_is_refused_when_made(command, settings, mess
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"student_options": {"depthh": 4}}, "student 'resnet8' does not take the student_options {'depthh': 4}"),
+    ({"student_options": {"depthh": 4}}, "student 'resnet8' does not take the arguments {'depthh': 4}"),
+    ({"drop_path": 0.1}, "student 'resnet8' does not take the arguments {'drop_path_rate': 0.1}"),
     ({"student": "resnet8x4", "teacher": "resnet20", "method": "vkd"}, "the student has 256 features, the teacher 64"),
 ])
 def test_models_that_cannot_train_as_configured_are_refused_in_one_line(data_root, tmp_path, settings, message, capsys):

@@ -280,8 +280,8 @@ def build_distiller(config: TrainConfig, num_classes: int) -> tuple[Distiller, s
     try:
         student = timm.create_model(config.student, num_classes=num_classes, **options)
     except TypeError as error:  # an argument the model does not take
-        raise ValueError(f"student {config.student!r} does not take the student_options {config.student_options} "
-                         f"({error})") from None
+        raise ValueError(f"student {config.student!r} does not take the arguments {options} (student_options, and "
+                         f"drop_path as drop_path_rate): {error}") from None
     teacher, teacher_digest = build_teacher(config, num_classes)
     return Distiller(student, teacher, MethodConfig.for_method(config.method, **config.method_options)), teacher_digest
 

@@ -29,7 +29,7 @@ from .losses import DKDLoss, FitNetLoss, KDLoss, SRDLoss, VkDLoss, get_distance,
 from .models import distillation_features
 from .normalization import get_normalization
 from .projectors import check_projector, retract_
-from .settings import wrong_settings
+from .settings import at_least, wrong_settings
 
 METHODS = ("ce", "kd", "fitnet", "dkd", "srd", "vkd", "srd+dkd")
 
@@ -74,11 +74,10 @@ class MethodConfig:
 
     def limits(self) -> list[tuple[str, bool, str]]:
         """``(option, whether its value is allowed, what it must be)`` for the options with a range."""
-        return [*((name, getattr(self, name) >= 0, "at least 0") for name in (
-                    "ce_weight", "kd_weight", "fitnet_weight", "dkd_weight", "srd_weight", "vkd_weight", "dkd_alpha",
-                    "dkd_beta", "dkd_warmup_epochs", "srd_alpha")),
+        return [*at_least(self, 0, "ce_weight", "kd_weight", "fitnet_weight", "dkd_weight", "srd_weight", "vkd_weight",
+                          "dkd_alpha", "dkd_beta", "dkd_warmup_epochs", "srd_alpha"),
                 ("temperature", self.temperature > 0, "positive"),
-                *((name, getattr(self, name) >= 1, "at least 1") for name in ("srd_hidden", "vkd_hidden"))]
+                *at_least(self, 1, "srd_hidden", "vkd_hidden")]
 
     @classmethod
     def for_method(cls, method: str, **overrides) -> MethodConfig:

@@ -50,7 +50,7 @@ from .runtime import (
     set_rng_state,
     software_versions,
 )
-from .settings import wrong_settings
+from .settings import at_least, wrong_settings
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -214,8 +214,7 @@ class TrainConfig(RunConfig):
         return [("dataset", self.dataset in datasets, f"one of {datasets}"),
                 ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
                 ("test_fraction", 0 < self.test_fraction <= 1, "in (0, 1]"),
-                ("epochs", self.epochs >= 1, "at least 1"),
-                ("batch_size", self.batch_size >= 1, "at least 1"),
+                *at_least(self, 1, "epochs", "batch_size"),
                 ("lr", self.lr > 0, "positive"),
                 ("optimizer", is_timm_optimizer(self.optimizer),
                  "a timm optimizer name, e.g. 'sgd' or 'adamw' (timm.optim.list_optimizers())"),
@@ -223,12 +222,11 @@ class TrainConfig(RunConfig):
                 ("milestones", all(isinstance(f, (int, float)) and 0 < f <= 1 for f in self.milestones)
                  and list(self.milestones) == sorted(self.milestones),
                  "increasing fractions of the run in (0, 1], e.g. (0.625, 0.75, 0.875): epochs 150/180/210 of 240"),
-                *((name, getattr(self, name) >= 0, "at least 0")
-                  for name in ("momentum", "weight_decay", "mixup", "cutmix", "clip_grad")),
+                *at_least(self, 0, "momentum", "weight_decay", "mixup", "cutmix", "clip_grad"),
                 *((name, 0 <= getattr(self, name) < 1, "in [0, 1)")
                   for name in ("label_smoothing", "drop_path", "ema_decay")),
                 ("reprob", 0 <= self.reprob <= 1, "in [0, 1]"),
-                ("warmup_epochs", self.warmup_epochs >= 0, "at least 0"),
+                *at_least(self, 0, "warmup_epochs"),
                 ("teacher_cache_views", self.teacher_cache_views >= 0, "at least 0 (0: no cache)")]
 
     def run(self, stop_after: int | None = None) -> dict:

@@ -34,6 +34,11 @@ def wrong_types(settings: Any) -> list[str]:
             for field in fields(settings) if not fits(field.type, value := getattr(settings, field.name))]
 
 
+def at_least(settings: Any, low: float, *names: str) -> list[tuple[str, bool, str]]:
+    """``limits()`` rules that the settings ``names`` of ``settings`` are at least ``low``."""
+    return [(name, getattr(settings, name) >= low, f"at least {low}") for name in names]
+
+
 def wrong_settings(settings: Any) -> list[str]:
     """:func:`wrong_types`; when every type fits, ``"<field> must be <rule>, got <value>"`` for each of
     ``settings.limits()`` -- ``(field, whether its value is allowed, what it must be)`` -- that does not hold."""

@@ -50,6 +50,7 @@ from ..runtime import (
     set_rng_state,
     software_versions,
 )
+from ..settings import at_least
 from .augment import DIFFAUGMENT_POLICY, diff_augment
 from .features import ImageEmbedding, classifier_embedding, clip_embedding
 from .fid import FID, class_spread, to_uint8
@@ -118,10 +119,9 @@ class GANConfig(RunConfig):
     def limits(self) -> list[tuple[str, bool, str]]:
         return [("dataset", self.dataset in vdata.DATASETS, f"one of {vdata.DATASETS}"),
                 ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
-                *((name, getattr(self, name) >= 1, "at least 1")
-                  for name in ("channels", "z_dim", "iterations", "batch_size", "d_steps", "eval_every",
-                               "checkpoint_every")),
-                *((name, getattr(self, name) >= 0, "at least 0") for name in ("head_dim", "kd_weight")),
+                *at_least(self, 1, "channels", "z_dim", "iterations", "batch_size", "d_steps", "eval_every",
+                          "checkpoint_every"),
+                *at_least(self, 0, "head_dim", "kd_weight"),
                 *((name, getattr(self, name) > 0, "positive") for name in ("lr_g", "lr_d")),
                 ("betas", len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
                  "two values in [0, 1), Adam's (beta1, beta2)"),

@@ -369,6 +369,34 @@ def test_train_command_reads_a_config_and_refuses_unknown_settings(data_root, tm
     assert "unknown TrainConfig setting(s) 'learning_rate'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train", "gan"])
+@pytest.mark.parametrize("text, message", [
+    ("epochs: [1,\n", "is not valid YAML at line 2, column 1: expected the node content"),
+    ("- epochs: 1\n", "holds the list [{'epochs': 1}]; expected name: value pairs"),
+    ("1: 2\n", "has names that are not text, [1]; expected name: value pairs"),
+])
+def test_a_config_file_that_is_not_yaml_field_value_pairs_is_refused_in_one_line(command, text, message, tmp_path,
+                                                                                 capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert main([command, "--config", str(path)]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {path} {message}"), line
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "-s", "epochs", "[1,"], ["gan", "-s", "epochs", "[1,"], ["run", "01", "-p", "epochs", "[1,"],
+    ["eval", "model.pt", "-o", "img_size", "{"], ["bench", "train", "--option", "vkd_weight", "["],
+    ["bench", "train", "--compile", "["],
+])
+def test_an_option_value_that_is_not_yaml_is_a_usage_error_naming_the_option(argv, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        main(argv)
+    assert exit_status.value.code == 2
+    pair = f"{argv[-3]} {argv[-2]} {argv[-1]!r}" if argv[-3].startswith("-") else f"{argv[-2]}: {argv[-1]!r}"
+    assert f"{pair} is not valid YAML at line 1, column {len(argv[-1]) + 1}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command, kind", [("train", TrainConfig), ("gan", GANConfig)])
 def test_the_help_of_train_and_gan_lists_every_field_with_its_default(command, kind, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "10000")  # one line: argparse would otherwise wrap inside a value

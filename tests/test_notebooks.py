@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from vkd import data
+from vkd.cli import main
 from vkd.engine import TrainConfig
 from vkd.notebooks import (
     NotebookError,
@@ -231,7 +232,7 @@ def test_unknown_notebook_profile_and_parameters_file(tmp_path):
         run_as_script("00", params_file=tmp_path / "gone.yaml")
 
 
-def test_parameter_files_apply_in_order_then_the_parameters(tmp_path):
+def test_parameter_files_apply_in_order_then_the_parameters(tmp_path, capsys):
     first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
     first.write_text("epochs: 3\nlr: 0.1\nseeds: [0, 1]\n")
     second.write_text("epochs: 4\n")
@@ -244,6 +245,11 @@ def test_parameter_files_apply_in_order_then_the_parameters(tmp_path):
         result = subprocess.run([sys.executable, "-m", "vkd", "run", "01", "--as-script", *options],
                                 capture_output=True, text=True)
         assert result.returncode == 1 and message in result.stderr, result.stderr
+    for text, message in (("epochs: [3,\n", "is not valid YAML at line 2, column 1"),
+                          ("- epochs: 3\n", "holds the list [{'epochs': 3}]; expected name: value pairs")):
+        second.write_text(text)
+        assert main(["run", "01", "--as-script", "-f", str(first), "-f", str(second)]) == 1
+        assert capsys.readouterr().err.startswith(f"error: {second} {message}")
 
 
 def test_missing_dataset_is_explained_not_a_deep_traceback(tmp_path):

@@ -7,11 +7,10 @@ import json
 import sys
 from dataclasses import asdict
 
-import yaml
-
 from .engine import TrainConfig
 from .extras import MissingExtraError
 from .gan import GANConfig
+from .settings import parsed_yaml
 
 
 def _refused(error: Exception, status: int = 2) -> int:
@@ -20,8 +19,28 @@ def _refused(error: Exception, status: int = 2) -> int:
     return status
 
 
-def _parse_overrides(pairs: list[list[str]] | None) -> dict:
-    return {name: yaml.safe_load(value) for name, value in (pairs or [])}
+class _YamlPairs(argparse.Action):
+    """``NAME VALUE`` options (repeatable) collected as a dict name -> VALUE read as YAML; a VALUE that is not
+    valid YAML is a usage error naming the option (exit status 2)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=2, default={}, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name, text = values
+        try:
+            value = parsed_yaml(text, f"{option_string} {name} {text!r}")
+        except ValueError as error:
+            parser.error(str(error))
+        setattr(namespace, self.dest, {**getattr(namespace, self.dest), name: value})
+
+
+def _yaml(text: str):
+    """An option's value read as YAML (argparse ``type``)."""
+    try:
+        return parsed_yaml(text, repr(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _fields_help(kind: type) -> str:
@@ -39,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     reproduce = commands.add_parser("reproduce", help="execute every notebook in order")
     for sub in (run, reproduce):
         sub.add_argument("--profile", default="smoke", choices=("smoke", "quick", "full"))
-        sub.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+        sub.add_argument("-p", "--parameter", action=_YamlPairs, metavar=("NAME", "VALUE"),
                          help="override a parameter (VALUE is read as YAML)")
         sub.add_argument("-f", "--params-file", action="append",
                          help="YAML file of parameters, applied after the profile (repeat: applied in order)")
@@ -60,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                             (gan_run, GANConfig, "vkd.gan.GANConfig")):
         sub.epilog = _fields_help(kind)
         sub.add_argument("--config", help=f"YAML file of {name} fields (listed below)")
-        sub.add_argument("-s", "--set", nargs=2, action="append", metavar=("FIELD", "VALUE"),
+        sub.add_argument("-s", "--set", action=_YamlPairs, metavar=("FIELD", "VALUE"),
                          help="override a field (VALUE is read as YAML)")
         sub.add_argument("--named", metavar="PREFIX", help="name the run PREFIX-<digest of its settings>")
 
@@ -75,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--workers", type=int, default=4, help="imagefolder: data-loading processes (default 4)")
     evaluation.add_argument("--num-classes", type=int, help="default: the checkpoint's, else the dataset's")
     evaluation.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    evaluation.add_argument("-o", "--model-option", nargs=2, action="append", metavar=("NAME", "VALUE"),
+    evaluation.add_argument("-o", "--model-option", action=_YamlPairs, metavar=("NAME", "VALUE"),
                             help="a timm.create_model argument (VALUE read as YAML), e.g. -o img_size 32")
 
     export = commands.add_parser("export", help="a finished run's weights as a (half-precision) file")
@@ -100,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     training.add_argument("--batch", type=int, default=64)
     training.add_argument("--steps", type=int, default=20)
     training.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    training.add_argument("--compile", default="false", help="torch.compile the steps' forward: false | true | a mode "
-                                                            "(reduce-overhead: CUDA graphs)")
-    training.add_argument("--option", nargs=2, action="append", metavar=("NAME", "VALUE"),
+    training.add_argument("--compile", type=_yaml, default=False,
+                          help="torch.compile the steps' forward: false | true | a mode (reduce-overhead: CUDA graphs)")
+    training.add_argument("--option", action=_YamlPairs, metavar=("NAME", "VALUE"),
                           help="a method option (vkd.distillers.MethodConfig field; VALUE read as YAML)")
     training.add_argument("--cuda-graph", action="store_true",
                           help="add the steps as TrainConfig's cuda_graph runs them (one CUDA graph per step)")
@@ -137,7 +156,7 @@ def _command(args) -> int:
     if args.command in ("run", "reproduce"):
         from .notebooks import NotebookError, list_notebooks, prepared_run, run_as_script, run_notebook
 
-        overrides = _parse_overrides(args.parameter)
+        overrides = args.parameter
         try:
             names = [args.notebook] if args.command == "run" else list_notebooks()
             for name in names:  # every notebook's parameters are checked before the first one runs
@@ -152,7 +171,7 @@ def _command(args) -> int:
         return 0
     if args.command in ("train", "gan"):
         kind = TrainConfig if args.command == "train" else GANConfig
-        overrides = _parse_overrides(args.set)
+        overrides = args.set
         try:
             config = kind.from_file(args.config, **overrides) if args.config else kind.from_values(**overrides)
         except (FileNotFoundError, ValueError) as error:
@@ -176,7 +195,7 @@ def _command(args) -> int:
 
         try:
             result = evaluate_checkpoint(args.checkpoint, args.model, args.dataset, args.data_root, args.image_size,
-                                         args.batch, args.device, args.workers, _parse_overrides(args.model_option),
+                                         args.batch, args.device, args.workers, args.model_option,
                                          args.num_classes)
         except (FileNotFoundError, DataNotFoundError, ValueError) as error:
             return _refused(error)
@@ -213,7 +232,7 @@ def _bench(args) -> None:
 
         from .bench import bench_train
 
-        compiled, options = yaml.safe_load(args.compile), _parse_overrides(args.option)
+        compiled, options = args.compile, args.option
         table = bench_train(args.student, args.teacher, args.method, args.batch, args.steps, device=args.device,
                             method_options=options, compile=compiled, cuda_graph=args.cuda_graph)
         print(f"training steps of {args.student} (teacher {args.teacher}), batch {args.batch}, 32 px, "

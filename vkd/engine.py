@@ -24,7 +24,6 @@ import pandas as pd
 import timm
 import torch
 import torch.nn.functional as F
-import yaml
 from timm.data import Mixup, create_transform
 from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2, get_optimizer_class
@@ -50,7 +49,7 @@ from .runtime import (
     set_rng_state,
     software_versions,
 )
-from .settings import at_least, wrong_settings
+from .settings import at_least, settings_file, wrong_settings
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -95,11 +94,12 @@ class RunConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides):
-        """A config from a YAML (or JSON) file of its fields, then ``overrides``; unknown fields are refused."""
+        """A config from a YAML (or JSON) file of its fields, then ``overrides``; unknown fields, and a file that is not
+        YAML ``field: value`` pairs, are refused (ValueError)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no config file at {path}")
-        return cls.from_values(**{**(yaml.safe_load(path.read_text()) or {}), **overrides})
+        return cls.from_values(**{**settings_file(path), **overrides})
 
     def run_dir(self) -> Path:
         return resolve(self.out_dir) / self.name

@@ -19,11 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .extras import optional_import
 from .paths import PROGRESS_ENV, checkout_path, project_root
-from .settings import fits
+from .settings import fits, settings_file
 
 PROFILES = ("smoke", "quick", "full")
 ParamsFiles = str | Path | list[str | Path] | None  # parameter files, applied in order
@@ -63,7 +61,7 @@ def load_profile(profile: str, stem: str) -> dict[str, Any]:
     path = notebook_dir() / "profiles" / f"{profile}.yaml"
     if not path.is_file():
         raise NotebookError(f"no profile {profile!r}: expected a file {path} (profiles: {', '.join(PROFILES)})")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = settings_file(path)
     return {"profile": profile, **(data.get("all") or {}), **(data.get(stem) or {})}
 
 
@@ -107,7 +105,10 @@ def checked_parameters(path: Path, profile: str, parameters: dict[str, Any] | No
     for file in [params_file] if isinstance(params_file, (str, Path)) else params_file or []:
         if not Path(file).is_file():
             raise NotebookError(f"no parameters file at {file}")
-        values.update(yaml.safe_load(Path(file).read_text()) or {})
+        try:
+            values.update(settings_file(file))
+        except ValueError as error:
+            raise NotebookError(str(error)) from None
     values.update(parameters or {})
     declared = _declared_types(_split_at_parameters(path)[1])
     unknown = sorted(set(values) - set(declared))

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 DECLARED_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list": list, "tuple": (tuple, list),
                   "dict": dict, "None": type(None)}
@@ -44,3 +47,30 @@ def wrong_settings(settings: Any) -> list[str]:
     ``settings.limits()`` -- ``(field, whether its value is allowed, what it must be)`` -- that does not hold."""
     return wrong_types(settings) or [f"{name} must be {rule}, got {getattr(settings, name)!r}"
                                      for name, holds, rule in settings.limits() if not holds]
+
+
+def parsed_yaml(text: str, source: str) -> Any:
+    """``text`` read as YAML (JSON is YAML too); when it is not valid YAML, a ValueError naming ``source`` (a file,
+    or the option that gave the text) and the line and column where reading stopped."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or error
+        raise ValueError(f"{source} is not valid YAML{at}: {problem}") from None
+
+
+def settings_file(path: str | Path) -> dict[str, Any]:
+    """The ``name: value`` pairs a YAML (or JSON) file holds ({} for an empty file); a ValueError naming the file
+    when it is not valid YAML or holds anything else (a list, a plain value, names that are not text)."""
+    values = parsed_yaml(Path(path).read_text(), str(path))
+    if values is None:
+        return {}
+    expected = "expected name: value pairs, one a line (e.g. epochs: 240)"
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds the {type(values).__name__} {str(values)[:60]}; {expected}")
+    untitled = [name for name in values if not isinstance(name, str)]
+    if untitled:
+        raise ValueError(f"{path} has names that are not text, {untitled}; {expected}")
+    return values

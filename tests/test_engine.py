@@ -288,6 +288,9 @@ def test_train_command_explains_missing_data_and_weights(tmp_path, monkeypatch, 
                                               f"'resnet20'): ")
     assert main([*base, *distilled, "-s", "teacher", "resnet20", "-s", "teacher_sha256", "f" * 64]) == 2
     assert f"error: checksum mismatch for {missing}: expected sha256 {'f' * 64}" in capsys.readouterr().err
+    missing.write_bytes(missing.read_bytes()[:1000])  # a copy that was cut off
+    assert main([*base, *distilled]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {missing} is not a checkpoint torch.load can read")
 
 
 def test_probes_are_recorded_and_survive_resume(data_root, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ def sha256(path: str | Path) -> str:
 
 
 class CheckpointMismatchError(ValueError):
-    """A weights file is not the one expected: another checksum, or weights that do not fit the model."""
+    """A weights file is not the one expected: another checksum, weights that do not fit the model, or no
+    checkpoint at all (a file torch.load cannot read, or one that holds no weights)."""
 
 
 TEACHER_HINT = "train the teacher first (notebook 01) or give its path"
@@ -51,7 +53,13 @@ def checked_file(path: str | Path, expected_sha256: str | None = None, missing_h
 def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> tuple[object, str]:
     """The contents of a checkpoint file and its sha256 (checked against ``expected_sha256`` when given)."""
     path, digest = checked_file(path, expected_sha256)
-    return torch.load(path, map_location="cpu", weights_only=False), digest
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False), digest
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:  # not a (whole) torch.save file
+        first_line = str(error).partition("\n")[0][:200]
+        reason = f"{type(error).__name__}: {first_line}"
+        raise CheckpointMismatchError(f"{path} is not a checkpoint torch.load can read (truncated, or another kind "
+                                      f"of file?): {reason}") from None
 
 
 def load_state(model: nn.Module, contents, strict: bool = True, source: str = "the checkpoint") -> list[str]:
@@ -69,9 +77,13 @@ def load_state(model: nn.Module, contents, strict: bool = True, source: str = "t
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not isinstance(state, dict):
+        raise CheckpointMismatchError(f"{source} holds a {type(state).__name__}, not weights: expected a state dict, "
+                                      "or a vkd, mdistiller or DeiT-style checkpoint holding one")
+    state = {str(k).removeprefix("module."): v for k, v in state.items()}
     reference = model.state_dict()
-    state = {k: v.to(reference[k].dtype) if k in reference and v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.to(reference[k].dtype) if k in reference and torch.is_tensor(v) and v.is_floating_point() else v
+             for k, v in state.items()}
     if strict:
         try:
             model.load_state_dict(state)
@@ -105,7 +117,7 @@ def export_weights(run_dir: str | Path, path: str | Path, half: bool = True) -> 
     for name in ("model.pt", "summary.json"):
         existing_file(run_dir / name, what=f"finished run ({name})",
                       missing_hint="a run writes model.pt and summary.json when its last epoch ends")
-    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)
+    state = read_checkpoint(run_dir / "model.pt")[0]
     summary = json.loads((run_dir / "summary.json").read_text())
     if half:
         state["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}

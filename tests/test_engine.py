@@ -13,7 +13,7 @@ import torchvision
 import yaml
 
 from vkd import data, engine, launch
-from vkd.checkpoints import export_weights, load_weights
+from vkd.checkpoints import CheckpointMismatchError, export_weights, load_weights
 from vkd.cli import main
 from vkd.distillers import Distiller
 from vkd.engine import (
@@ -291,6 +291,15 @@ def test_train_command_explains_missing_data_and_weights(tmp_path, monkeypatch, 
     missing.write_bytes(missing.read_bytes()[:1000])  # a copy that was cut off
     assert main([*base, *distilled]) == 2
     assert capsys.readouterr().err.startswith(f"error: {missing} is not a checkpoint torch.load can read")
+
+
+def test_a_run_whose_checkpoint_was_cut_off_is_refused_naming_it(data_root, tmp_path):
+    cfg = config(data_root, tmp_path, name="cut", epochs=2)
+    train(cfg, stop_after_epoch=1)
+    checkpoint = tmp_path / "runs/cut/checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:4096])  # copied from a disk that filled up, say
+    with pytest.raises(CheckpointMismatchError, match=re.escape(f"{checkpoint} is not a checkpoint torch.load can")):
+        train(cfg)
 
 
 def test_probes_are_recorded_and_survive_resume(data_root, tmp_path):

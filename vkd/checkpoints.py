@@ -50,16 +50,22 @@ def checked_file(path: str | Path, expected_sha256: str | None = None, missing_h
     return path, digest
 
 
-def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> tuple[object, str]:
-    """The contents of a checkpoint file and its sha256 (checked against ``expected_sha256`` when given)."""
-    path, digest = checked_file(path, expected_sha256)
+def load_file(path: str | Path, map_location: str | torch.device = "cpu"):
+    """``torch.load`` of a file vkd or its user wrote (full unpickling: vkd's checkpoints hold their configs);
+    a file it cannot read is a :class:`CheckpointMismatchError` naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False), digest
+        return torch.load(path, map_location=map_location, weights_only=False)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as error:  # not a (whole) torch.save file
         first_line = str(error).partition("\n")[0][:200]
         reason = f"{type(error).__name__}: {first_line}"
         raise CheckpointMismatchError(f"{path} is not a checkpoint torch.load can read (truncated, or another kind "
                                       f"of file?): {reason}") from None
+
+
+def read_checkpoint(path: str | Path, expected_sha256: str | None = None) -> tuple[object, str]:
+    """The contents of a checkpoint file and its sha256 (checked against ``expected_sha256`` when given)."""
+    path, digest = checked_file(path, expected_sha256)
+    return load_file(path), digest
 
 
 def load_state(model: nn.Module, contents, strict: bool = True, source: str = "the checkpoint") -> list[str]:

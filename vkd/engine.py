@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as vdata
-from .checkpoints import load_state, load_weights, read_checkpoint
+from .checkpoints import load_file, load_state, load_weights, read_checkpoint
 from .distillers import Distiller, MethodConfig
 from .models import check_model_names
 from .paths import portable, progress_default, resolve, save_atomic, save_json_atomic, write_atomic
@@ -289,8 +289,7 @@ def load_distiller(config: TrainConfig) -> Distiller:
     as its last epoch left them, with its frozen teacher -- for analyses of trained projectors."""
     if finished_summary(config) is None:
         raise FileNotFoundError(f"no finished run with these settings in {config.run_dir()}; train(config) first")
-    final = torch.load(config.run_dir() / "model.pt", map_location="cpu", weights_only=False)
-    state = torch.load(config.run_dir() / "checkpoint.pt", map_location="cpu", weights_only=False)
+    final, state = load_file(config.run_dir() / "model.pt"), load_file(config.run_dir() / "checkpoint.pt")
     distiller, _ = build_distiller(config, final["num_classes"])
     distiller.student.load_state_dict(state["student"])
     distiller.losses.load_state_dict(state["losses"])
@@ -664,7 +663,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
                                  f"Lower the learning rate or check the inputs.") from None
 
     if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        state = load_file(checkpoint_path, device)
         config.refuse_other_settings(state["config"], checkpoint_path)
         if state.get("world_size", 1) != processes.world:
             raise ValueError(f"{checkpoint_path} was written by {state.get('world_size', 1)} process(es); resume it "

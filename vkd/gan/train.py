@@ -36,6 +36,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from .. import data as vdata
+from ..checkpoints import load_file
 from ..engine import NonFiniteLossError, RunConfig, finished_summary
 from ..losses import VkDLoss, get_distance
 from ..normalization import get_normalization
@@ -184,7 +185,7 @@ def within_class_spread(config: GANConfig, generator: Generator, embedding: Imag
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
     """The (EMA) generator a finished run saved as ``generator.pt``, in eval mode and in the memory layout it
     trained in (so that it draws the images its run evaluated, to the last bit)."""
-    state = torch.load(resolve(path), map_location="cpu", weights_only=False)
+    state = load_file(resolve(path))
     generator = Generator(state["num_classes"], state["channels"], state["z_dim"])
     generator.load_state_dict(state["generator"])
     layout = torch.channels_last if state.get("channels_last") else torch.contiguous_format
@@ -327,7 +328,7 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     # sums: the training terms summed since the last evaluation; seconds: the time spent since then
     rows, iteration, elapsed, sums, seconds = [], 0, 0.0, {}, 0.0
     if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        state = load_file(checkpoint_path, device)
         config.refuse_other_settings(state["config"], checkpoint_path)
         training.load_state_dict(state)
         set_rng_state(state["rng"], device)

@@ -64,6 +64,14 @@ def test_missing_data_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch)
         data.image_dataset("cifar100", "train", tmp_path)
     with pytest.raises(data.DataNotFoundError, match=r"no ImageFolder at .*imagenet/val"):
         data.imagefolder(tmp_path / "imagenet", "val")
+    (tmp_path / "imagenet/val/n01440764").mkdir(parents=True)  # a class folder without images, then no class
+    (tmp_path / "imagenet/val/n01440764/README.txt").write_text("not an image")
+    with pytest.raises(data.DataNotFoundError, match=r"Found no valid file for the classes n01440764.* \(expected "):
+        data.imagefolder(tmp_path / "imagenet", "val")
+    (tmp_path / "imagenet/val/n01440764/README.txt").rename(tmp_path / "imagenet/val/README.txt")
+    (tmp_path / "imagenet/val/n01440764").rmdir()
+    with pytest.raises(data.DataNotFoundError, match=r"Couldn't find any class folder in .*imagenet/val.* \(expected "):
+        data.imagefolder(tmp_path / "imagenet", "val")
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         data.image_dataset("mnist", "train", tmp_path)
 

@@ -111,12 +111,13 @@ def image_dataset(name: str, split: str, root: str | Path = "data", download: bo
 def imagefolder(path: str | Path, split: str, transform=None) -> datasets.ImageFolder:
     """An ImageNet-style ``path/<split>/<class>/*.JPEG`` folder."""
     folder = resolve(path) / split
+    expected = f"expected {folder}/<class name>/<images>, e.g. ImageNet's train/ and val/ with one folder per class"
     if not folder.is_dir():
-        raise DataNotFoundError(
-            f"no ImageFolder at {folder}: expected {folder}/<class name>/<images>, e.g. ImageNet's train/ and val/ "
-            f"with one folder per class"
-        )
-    return datasets.ImageFolder(folder, transform=transform)
+        raise DataNotFoundError(f"no ImageFolder at {folder}: {expected}")
+    try:
+        return datasets.ImageFolder(folder, transform=transform)
+    except FileNotFoundError as error:  # torchvision found no class folder, or no image in them
+        raise DataNotFoundError(f"{error} ({expected})") from None
 
 
 def _posterize(img, bits_to_keep, **__):

@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from .data import DATASETS
 from .engine import TrainConfig
 from .extras import MissingExtraError
 from .gan import GANConfig
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = commands.add_parser("eval", help="top-1 / top-5 of a checkpoint on a dataset's evaluation split")
     evaluation.add_argument("checkpoint", help="vkd model.pt / checkpoint.pt, a DeiT-style release, or a state dict")
     evaluation.add_argument("--model", help="timm model name (default: the one the checkpoint records)")
-    evaluation.add_argument("--dataset", default="imagefolder", help="imagefolder | cifar10-jpeg | cifar10 | cifar100")
+    evaluation.add_argument("--dataset", default="imagefolder", choices=("imagefolder", *DATASETS))
     evaluation.add_argument("--data-root", default="data", help="imagefolder: the folder holding val/ (or test/)")
     evaluation.add_argument("--image-size", type=int, default=224,
                             help="imagefolder: the evaluation size in pixels (default 224; CIFAR stays 32)")

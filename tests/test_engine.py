@@ -397,6 +397,21 @@ def test_a_config_file_that_is_not_yaml_field_value_pairs_is_refused_in_one_line
 
 
 @pytest.mark.parametrize("argv", [
+    ["train", "--stop-after-epoch", "0"], ["eval", "model.pt", "--batch", "0"], ["eval", "model.pt", "--workers", "-1"],
+    ["bench", "projectors", "--student-dims", "192", "0"], ["bench", "projectors", "--reps", "0"],
+    ["bench", "train", "--steps", "0"], ["bench", "train", "--batch", "ten"], ["bench", "gan", "--head-dim", "-1"],
+    ["bench", "deit", "--image-size", "0"],
+])
+def test_a_count_below_its_least_value_is_a_usage_error_naming_the_option(argv, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        main(argv)
+    assert exit_status.value.code == 2
+    option = next(word for word in reversed(argv) if word.startswith("--"))
+    least = 0 if option in ("--workers", "--head-dim") else 1
+    assert f"argument {option}: expected an integer of at least {least}, got {argv[-1]!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
     ["train", "-s", "epochs", "[1,"], ["gan", "-s", "epochs", "[1,"], ["run", "01", "-p", "epochs", "[1,"],
     ["eval", "model.pt", "-o", "img_size", "{"], ["bench", "train", "--option", "vkd_weight", "["],
     ["bench", "train", "--compile", "["],

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -208,6 +210,8 @@ def test_bench_reports_every_method_against_linear():
     assert (table.loc[linear, "retract_ms"] == 0).all() and (table.loc[~linear, "retract_ms"] > 0).all()
     expected = table.ratio_to_linear * (1 + table.retract_ms / table.ms)
     assert (table.step_ratio_to_linear - expected).abs().max() < 1e-9
+    with pytest.raises(ValueError, match=re.escape("no student width [64] is at most a teacher width [16, 32]")):
+        bench_projectors([64], [16, 32], batch=4, reps=2)  # before: an empty table
 
 
 @pytest.mark.parametrize("method", ORTHOGONAL_METHODS)

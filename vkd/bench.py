@@ -89,6 +89,10 @@ def bench_projectors(
     Returns one row per (method, d_s, d_t): ms (forward+backward), ratio_to_linear, retract_ms (0 for
     ``nn.Linear``), step_ratio_to_linear = (ms + retract_ms) / linear's ms (what a training step pays for the
     projector) and orthogonality_error = max|PᵀP - I|."""
+    student_dims, teacher_dims = list(student_dims), list(teacher_dims)
+    if min(student_dims) > max(teacher_dims):
+        raise ValueError(f"no student width {student_dims} is at most a teacher width {teacher_dims}: an orthogonal "
+                         "projector maps d_s to d_t >= d_s")
     torch.manual_seed(seed)
     device = resolve_device(device)
     rows = []

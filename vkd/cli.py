@@ -44,6 +44,22 @@ def _yaml(text: str):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _at_least(low: int):
+    """argparse ``type``: an integer of at least ``low`` (a count of steps, images, channels ...)."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {low}, got {text!r}")
+        return value
+    return count
+
+
+_positive, _non_negative = _at_least(1), _at_least(0)
+
+
 def _fields_help(kind: type) -> str:
     """The fields of the run configuration ``kind`` with their defaults, for its command's --help."""
     return "fields (with their defaults): " + ", ".join(f"{name}={value!r}" for name, value in asdict(kind()).items())
@@ -71,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     training_run = commands.add_parser(
         "train", help="train one run (student, optional teacher, method); under torchrun, one process per GPU "
         "(or CPU process, gloo) with DistributedDataParallel")
-    training_run.add_argument("--stop-after-epoch", type=int, metavar="N", dest="stop_after",
+    training_run.add_argument("--stop-after-epoch", type=_positive, metavar="N", dest="stop_after",
                               help="end after epoch N as if interrupted (the checkpoint resumes it)")
     gan_run = commands.add_parser("gan", help="train one data-limited GAN run (vkd.gan.GANConfig)")
-    gan_run.add_argument("--stop-after-iteration", type=int, metavar="N", dest="stop_after",
+    gan_run.add_argument("--stop-after-iteration", type=_positive, metavar="N", dest="stop_after",
                          help="end after the checkpoint at iteration N as if interrupted (the checkpoint resumes it)")
     for sub, kind, name in ((training_run, TrainConfig, "vkd.engine.TrainConfig"),
                             (gan_run, GANConfig, "vkd.gan.GANConfig")):
@@ -89,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--model", help="timm model name (default: the one the checkpoint records)")
     evaluation.add_argument("--dataset", default="imagefolder", choices=("imagefolder", *DATASETS))
     evaluation.add_argument("--data-root", default="data", help="imagefolder: the folder holding val/ (or test/)")
-    evaluation.add_argument("--image-size", type=int, default=224,
+    evaluation.add_argument("--image-size", type=_positive, default=224,
                             help="imagefolder: the evaluation size in pixels (default 224; CIFAR stays 32)")
-    evaluation.add_argument("--batch", type=int, default=256, help="imagefolder: images per batch (default 256)")
-    evaluation.add_argument("--workers", type=int, default=4, help="imagefolder: data-loading processes (default 4)")
-    evaluation.add_argument("--num-classes", type=int, help="default: the checkpoint's, else the dataset's")
+    evaluation.add_argument("--batch", type=_positive, default=256, help="imagefolder: images per batch (default 256)")
+    evaluation.add_argument("--workers", type=_non_negative, default=4,
+                            help="imagefolder: data-loading processes (default 4)")
+    evaluation.add_argument("--num-classes", type=_positive, help="default: the checkpoint's, else the dataset's")
     evaluation.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     evaluation.add_argument("-o", "--model-option", action=_YamlPairs, metavar=("NAME", "VALUE"),
                             help="a timm.create_model argument (VALUE read as YAML), e.g. -o img_size 32")
@@ -106,19 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="performance benchmarks (ratios measured in one process)")
     bench_kind = bench.add_subparsers(dest="what", required=True)
     projectors = bench_kind.add_parser("projectors", help="orthogonal projectors vs nn.Linear")
-    projectors.add_argument("--student-dims", type=int, nargs="+", default=[192, 384])
-    projectors.add_argument("--teacher-dims", type=int, nargs="+", default=[3024])
+    projectors.add_argument("--student-dims", type=_positive, nargs="+", default=[192, 384])
+    projectors.add_argument("--teacher-dims", type=_positive, nargs="+", default=[3024])
     projectors.add_argument("--methods", nargs="+", default=None)
-    projectors.add_argument("--batch", type=int, default=256)
-    projectors.add_argument("--reps", type=int, default=20)
+    projectors.add_argument("--batch", type=_positive, default=256)
+    projectors.add_argument("--reps", type=_positive, default=20)
     projectors.add_argument("--device", default="cpu", help="cpu | cuda | auto")
 
     training = bench_kind.add_parser("train", help="student alone vs student + teacher + distillation")
     training.add_argument("--student", default="resnet8")
     training.add_argument("--teacher", default="resnet20")
     training.add_argument("--method", default="vkd")
-    training.add_argument("--batch", type=int, default=64)
-    training.add_argument("--steps", type=int, default=20)
+    training.add_argument("--batch", type=_positive, default=64)
+    training.add_argument("--steps", type=_positive, default=20)
     training.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     training.add_argument("--compile", type=_yaml, default=False,
                           help="torch.compile the steps' forward: false | true | a mode (reduce-overhead: CUDA graphs)")
@@ -128,21 +145,21 @@ def main(argv: list[str] | None = None) -> int:
                           help="add the steps as TrainConfig's cuda_graph runs them (one CUDA graph per step)")
 
     gan = bench_kind.add_parser("gan", help="GAN iteration: DiffAugment alone vs with VkD (each normalisation)")
-    gan.add_argument("--channels", type=int, default=32)
-    gan.add_argument("--batch", type=int, default=32)
-    gan.add_argument("--d-steps", type=int, default=2)
+    gan.add_argument("--channels", type=_positive, default=32)
+    gan.add_argument("--batch", type=_positive, default=32)
+    gan.add_argument("--d-steps", type=_positive, default=2)
     gan.add_argument("--teacher", default="resnet20")
-    gan.add_argument("--head-dim", type=int, default=0,
+    gan.add_argument("--head-dim", type=_non_negative, default=0,
                      help="a linear head before the projector (needed when --channels exceeds the teacher's width)")
-    gan.add_argument("--steps", type=int, default=10)
+    gan.add_argument("--steps", type=_positive, default=10)
     gan.add_argument("--device", default="cpu", help="cpu | cuda | auto")
 
     deit = bench_kind.add_parser("deit", help="DeiT step: student alone, + teacher forward and KD, + VkD")
     deit.add_argument("--student", default="deit_tiny_distilled_patch16_224")
     deit.add_argument("--teacher", default="regnety_160")
-    deit.add_argument("--batch", type=int, default=256)
-    deit.add_argument("--image-size", type=int, default=224)
-    deit.add_argument("--steps", type=int, default=10)
+    deit.add_argument("--batch", type=_positive, default=256)
+    deit.add_argument("--image-size", type=_positive, default=224)
+    deit.add_argument("--steps", type=_positive, default=10)
     deit.add_argument("--device", default="auto", help="cpu | cuda | auto")
 
     args = parser.parse_args(argv)

@@ -564,6 +564,20 @@ def test_exported_half_precision_weights_load_with_their_checksum(data_root, tmp
     for (name, a), b in zip(original.state_dict().items(), exported.state_dict().values(), strict=True):
         if a.is_floating_point():
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+    assert main(["export", str(tmp_path / "runs/run"), str(tmp_path)]) == 2
+    refusal = f"error: {tmp_path} is a folder: give the file to write, e.g. {tmp_path / 'teacher.pt'}"
+    assert refusal in capsys.readouterr().err
+
+
+def test_files_named_on_the_command_line_are_relative_to_the_working_directory(data_root, tmp_path, monkeypatch,
+                                                                              capsys):
+    train(config(data_root, tmp_path, epochs=1))
+    monkeypatch.chdir(tmp_path / "runs")
+    assert main(["export", "run", "teacher.pt"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(tmp_path / "runs/teacher.pt")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "runs/teacher.pt", "--dataset", "cifar10-jpeg", "--data-root", str(data_root)]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(tmp_path / "runs/teacher.pt")
 
 
 def test_eval_command_reproduces_the_runs_test_accuracy(data_root, tmp_path, capsys):

@@ -119,7 +119,9 @@ def export_weights(run_dir: str | Path, path: str | Path, half: bool = True) -> 
 
     The file is ``{"model": state_dict, "arch", "num_classes", "options", "test_acc"}`` (loadable by
     :func:`load_weights`); returns its description: path, sha256, arch, test accuracy (last epoch, %)."""
-    run_dir = resolve(run_dir)
+    run_dir, path = resolve(run_dir), resolve(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give the file to write, e.g. {path / 'teacher.pt'}")
     for name in ("model.pt", "summary.json"):
         existing_file(run_dir / name, what=f"finished run ({name})",
                       missing_hint="a run writes model.pt and summary.json when its last epoch ends")
@@ -128,7 +130,6 @@ def export_weights(run_dir: str | Path, path: str | Path, half: bool = True) -> 
     if half:
         state["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
     state["test_acc"] = summary["last_acc"]
-    path = resolve(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_atomic(state, path)
     return {"path": str(path), "sha256": sha256(path), "arch": state["arch"], "test_acc": summary["last_acc"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -60,6 +61,12 @@ def _at_least(low: int):
 _positive, _non_negative = _at_least(1), _at_least(0)
 
 
+def _file(text: str) -> str:
+    """argparse ``type`` of a file or folder named on the command line: relative to the working directory, as the
+    shell means it (paths inside settings -- out_dir, data_root, teacher_checkpoint -- are relative to the checkout)."""
+    return os.path.abspath(os.path.expanduser(text))
+
+
 def _fields_help(kind: type) -> str:
     """The fields of the run configuration ``kind`` with their defaults, for its command's --help."""
     return "fields (with their defaults): " + ", ".join(f"{name}={value!r}" for name, value in asdict(kind()).items())
@@ -101,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--named", metavar="PREFIX", help="name the run PREFIX-<digest of its settings>")
 
     evaluation = commands.add_parser("eval", help="top-1 / top-5 of a checkpoint on a dataset's evaluation split")
-    evaluation.add_argument("checkpoint", help="vkd model.pt / checkpoint.pt, a DeiT-style release, or a state dict")
+    evaluation.add_argument("checkpoint", type=_file,
+                            help="vkd model.pt / checkpoint.pt, a DeiT-style release, or a state dict")
     evaluation.add_argument("--model", help="timm model name (default: the one the checkpoint records)")
     evaluation.add_argument("--dataset", default="imagefolder", choices=("imagefolder", *DATASETS))
     evaluation.add_argument("--data-root", default="data", help="imagefolder: the folder holding val/ (or test/)")
@@ -116,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                             help="a timm.create_model argument (VALUE read as YAML), e.g. -o img_size 32")
 
     export = commands.add_parser("export", help="a finished run's weights as a (half-precision) file")
-    export.add_argument("run_dir", help="the run folder (holding model.pt and summary.json)")
-    export.add_argument("path", help="the file to write")
+    export.add_argument("run_dir", type=_file, help="the run folder (holding model.pt and summary.json)")
+    export.add_argument("path", type=_file, help="the file to write")
     export.add_argument("--float32", action="store_true", help="keep float32 weights")
 
     bench = commands.add_parser("bench", help="performance benchmarks (ratios measured in one process)")
@@ -224,7 +232,7 @@ def _command(args) -> int:
 
         try:
             print(json.dumps(export_weights(args.run_dir, args.path, half=not args.float32)))
-        except FileNotFoundError as error:
+        except (FileNotFoundError, ValueError) as error:
             return _refused(error)
         return 0
     try:  # bench

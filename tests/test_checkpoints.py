@@ -14,6 +14,7 @@ def test_teacher_checksum_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="checksum mismatch"):
         load_weights(torch.nn.Linear(2, 2), path, expected_sha256="0" * 64)
     assert load_weights(torch.nn.Linear(2, 2), path, expected_sha256=digest) == digest
+    assert load_weights(torch.nn.Linear(2, 2), path, expected_sha256=digest.upper()) == digest  # as some tools print
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_weights(model, tmp_path / "missing.pt")
 

@@ -483,6 +483,16 @@ def test_a_config_with_an_unknown_model_method_or_option_is_refused_when_made(se
      "method options: kd_weight must be at least 0, got -1; temperature must be positive, got 0"),
     ("train", {"weight_decay": -1e-4, "ema_decay": 1.0},
      "weight_decay must be at least 0, got -0.0001; ema_decay must be in [0, 1), got 1.0"),
+    ("train", {"epochs": 4, "warmup_epochs": 4, "gamma": 0},
+     "gamma must be in (0, 1], the multistep schedule's decay factor, got 0; warmup_epochs must be at least 0 and "
+     "below epochs (4), got 4"),
+    ("train", {"image_size": 0, "workers": -1}, "image_size must be at least 1, got 0; workers must be at least 0"),
+    ("train", {"name": "../elsewhere", "seed": -1},
+     "name must be a folder name under out_dir (not empty, not absolute, no '..'), got '../elsewhere'; seed must be "
+     "in [0, 2**32) (NumPy's seeds), got -1"),
+    ("gan", {"name": "", "teacher_sha256": "abc123"},
+     "GANConfig: name must be a folder name under out_dir (not empty, not absolute, no '..'), got ''; teacher_sha256 "
+     "must be 64 hex digits, as sha256sum prints them, got 'abc123'"),
 ])
 def test_a_config_that_cannot_train_is_refused_when_made(command, settings, message, capsys):
     """Before any data is read: `python -m vkd train` (`gan`) answers with the reason, not a traceback from the run."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +22,11 @@ def sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def is_sha256(text: str) -> bool:
+    """Whether ``text`` is a SHA-256 digest as sha256sum prints it (64 hex digits, either case)."""
+    return re.fullmatch(r"[0-9a-fA-F]{64}", text) is not None
 
 
 class CheckpointMismatchError(ValueError):
@@ -45,7 +51,7 @@ def checked_file(path: str | Path, expected_sha256: str | None = None, missing_h
     when given)."""
     path = existing_file(path, what, missing_hint)
     digest = sha256(path)
-    if expected_sha256 and digest != expected_sha256:
+    if expected_sha256 and digest != expected_sha256.lower():
         raise CheckpointMismatchError(f"checksum mismatch for {path}: expected sha256 {expected_sha256}, got {digest}")
     return path, digest
 

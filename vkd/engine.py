@@ -17,7 +17,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import ClassVar
 
 import pandas as pd
@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as vdata
-from .checkpoints import load_file, load_state, load_weights, read_checkpoint
+from .checkpoints import is_sha256, load_file, load_state, load_weights, read_checkpoint
 from .distillers import Distiller, MethodConfig
 from .models import check_model_names
 from .paths import portable, progress_default, resolve, save_atomic, save_json_atomic, write_atomic
@@ -73,8 +73,14 @@ class RunConfig:
             raise ValueError(f"{type(self).__name__}: {'; '.join(wrong)}")
 
     def limits(self) -> list[tuple[str, bool, str]]:
-        """``(setting, whether its value is allowed, what it must be)`` for the settings with a range or a choice."""
-        return []
+        """``(setting, whether its value is allowed, what it must be)`` for the settings with a range or a choice:
+        those every run configuration has (name, seed, teacher_sha256), to which each adds its own."""
+        folder = PurePath(self.name)
+        return [("name", bool(folder.parts) and not folder.is_absolute() and ".." not in folder.parts,
+                 "a folder name under out_dir (not empty, not absolute, no '..')"),
+                ("seed", 0 <= self.seed < 2**32, "in [0, 2**32) (NumPy's seeds)"),
+                ("teacher_sha256", self.teacher_sha256 is None or is_sha256(self.teacher_sha256),
+                 "64 hex digits, as sha256sum prints them")]
 
     def run(self, stop_after: int | None = None) -> dict:
         """Train this run (resuming or reusing it) and return its summary; ``stop_after`` ends it after that
@@ -211,11 +217,13 @@ class TrainConfig(RunConfig):
 
     def limits(self) -> list[tuple[str, bool, str]]:
         datasets = (*vdata.DATASETS, "imagefolder")
-        return [("dataset", self.dataset in datasets, f"one of {datasets}"),
+        return [*super().limits(),
+                ("dataset", self.dataset in datasets, f"one of {datasets}"),
                 ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
                 ("test_fraction", 0 < self.test_fraction <= 1, "in (0, 1]"),
-                *at_least(self, 1, "epochs", "batch_size"),
+                *at_least(self, 1, "epochs", "batch_size", "image_size"),
                 ("lr", self.lr > 0, "positive"),
+                ("gamma", 0 < self.gamma <= 1, "in (0, 1], the multistep schedule's decay factor"),
                 ("optimizer", is_timm_optimizer(self.optimizer),
                  "a timm optimizer name, e.g. 'sgd' or 'adamw' (timm.optim.list_optimizers())"),
                 ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
@@ -226,7 +234,9 @@ class TrainConfig(RunConfig):
                 *((name, 0 <= getattr(self, name) < 1, "in [0, 1)")
                   for name in ("label_smoothing", "drop_path", "ema_decay")),
                 ("reprob", 0 <= self.reprob <= 1, "in [0, 1]"),
-                *at_least(self, 0, "warmup_epochs"),
+                ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs,
+                 f"at least 0 and below epochs ({self.epochs})"),
+                *at_least(self, 0, "workers"),
                 ("teacher_cache_views", self.teacher_cache_views >= 0, "at least 0 (0: no cache)")]
 
     def run(self, stop_after: int | None = None) -> dict:

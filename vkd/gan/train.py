@@ -118,7 +118,8 @@ class GANConfig(RunConfig):
             raise ValueError(f"iterations ({self.iterations}) must be a multiple of eval_every ({self.eval_every})")
 
     def limits(self) -> list[tuple[str, bool, str]]:
-        return [("dataset", self.dataset in vdata.DATASETS, f"one of {vdata.DATASETS}"),
+        return [*super().limits(),
+                ("dataset", self.dataset in vdata.DATASETS, f"one of {vdata.DATASETS}"),
                 ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
                 *at_least(self, 1, "channels", "z_dim", "iterations", "batch_size", "d_steps", "eval_every",
                           "checkpoint_every"),

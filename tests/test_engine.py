@@ -291,6 +291,7 @@ def test_train_command_explains_missing_data_and_weights(tmp_path, monkeypatch, 
     missing.write_bytes(missing.read_bytes()[:1000])  # a copy that was cut off
     assert main([*base, *distilled]) == 2
     assert capsys.readouterr().err.startswith(f"error: {missing} is not a checkpoint torch.load can read")
+    assert not (tmp_path / "runs").exists()  # no run folder for a run that could not start
 
 
 def test_a_run_whose_checkpoint_was_cut_off_is_refused_naming_it(data_root, tmp_path):

@@ -620,7 +620,6 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
         return summary
     revision = git_revision()  # the code that runs, whatever the checkout becomes meanwhile
     processes, device = join_processes(config.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     if not processes.main:  # rank 0 extracts / decodes the data first; the others then read its cache
         processes.barrier()
@@ -656,6 +655,7 @@ def train(config: TrainConfig, stop_after_epoch: int | None = None, probe: Probe
                       num_classes=num_classes)
     ema = ModelEmaV3(distiller.student, config.ema_decay) if config.ema_decay else None
 
+    run_dir.mkdir(parents=True, exist_ok=True)  # once data, models and options are found: a refused start leaves none
     checkpoint_path = run_dir / "checkpoint.pt"
     rows, probes, start_epoch, elapsed = [], [], 0, 0.0
 

@@ -308,7 +308,6 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
         return summary if "spread_ratio" in summary else _add_spread(config, summary)
     device = resolve_device(config.device)
     run_dir = config.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
     revision = git_revision()  # the code that runs, whatever the checkout becomes meanwhile
     seed_everything(config.seed)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
@@ -325,6 +324,7 @@ def train_gan(config: GANConfig, stop_after_iteration: int | None = None) -> dic
     fid = FID(embedding.to(device) if embedding else "inception", config.inception_weights, device)
     fid.add_real(test_data.images.split(500))
 
+    run_dir.mkdir(parents=True, exist_ok=True)  # once data, models and weights are found: a refused start leaves none
     checkpoint_path = run_dir / "checkpoint.pt"
     # sums: the training terms summed since the last evaluation; seconds: the time spent since then
     rows, iteration, elapsed, sums, seconds = [], 0, 0.0, {}, 0.0

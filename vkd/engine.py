@@ -57,9 +57,10 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class RunConfig:
-    """What every run configuration (a dataclass with ``name`` and ``out_dir``) shares: its folder, the
-    settings that shape its result, a digest of them that names the folder, reading it from a file, and
-    training it (in this process, or as ``python -m vkd COMMAND --config FILE``)."""
+    """What every run configuration (a dataclass with ``name``, ``out_dir``, ``seed`` and ``teacher_sha256``)
+    shares: its folder, the settings that shape its result, a digest of them that names the folder, the limits of
+    those four fields, reading it from a file, and training it (in this process, or as
+    ``python -m vkd COMMAND --config FILE``)."""
 
     NOT_SHAPING = ("name", "out_dir", "progress")  # fields that do not change the result
     PATHS: ClassVar[tuple[str, ...]] = ()  # fields naming a file or folder: compared as :func:`portable` paths

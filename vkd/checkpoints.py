@@ -131,7 +131,7 @@ def export_weights(run_dir: str | Path, path: str | Path, half: bool = True) -> 
     for name in ("model.pt", "summary.json"):
         existing_file(run_dir / name, what=f"finished run ({name})",
                       missing_hint="a run writes model.pt and summary.json when its last epoch ends")
-    state = read_checkpoint(run_dir / "model.pt")[0]
+    state = load_file(run_dir / "model.pt")
     summary = json.loads((run_dir / "summary.json").read_text())
     if half:
         state["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}

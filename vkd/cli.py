@@ -45,7 +45,7 @@ def _yaml(text: str):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _at_least(low: int):
+def _integer_at_least(low: int):
     """argparse ``type``: an integer of at least ``low`` (a count of steps, images, channels ...)."""
     def count(text: str) -> int:
         try:
@@ -58,7 +58,7 @@ def _at_least(low: int):
     return count
 
 
-_positive, _non_negative = _at_least(1), _at_least(0)
+_positive, _non_negative = _integer_at_least(1), _integer_at_least(0)
 
 
 def _file(text: str) -> str:
@@ -182,24 +182,22 @@ def _command(args) -> int:
     if args.command in ("run", "reproduce"):
         from .notebooks import NotebookError, list_notebooks, prepared_run, run_as_script, run_notebook
 
-        overrides = args.parameter
         try:
             names = [args.notebook] if args.command == "run" else list_notebooks()
             for name in names:  # every notebook's parameters are checked before the first one runs
-                prepared_run(name, args.profile, overrides, args.params_file)
+                prepared_run(name, args.profile, args.parameter, args.params_file)
             for name in names:
                 if args.as_script:
-                    run_as_script(name, args.profile, overrides, args.params_file)
+                    run_as_script(name, args.profile, args.parameter, args.params_file)
                 else:
-                    run_notebook(name, args.profile, overrides, args.params_file, args.output_dir, args.log_output)
+                    run_notebook(name, args.profile, args.parameter, args.params_file, args.output_dir, args.log_output)
         except NotebookError as error:
             return _refused(error, 1)
         return 0
     if args.command in ("train", "gan"):
         kind = TrainConfig if args.command == "train" else GANConfig
-        overrides = args.set
         try:
-            config = kind.from_file(args.config, **overrides) if args.config else kind.from_values(**overrides)
+            config = kind.from_file(args.config, **args.set) if args.config else kind.from_values(**args.set)
         except (FileNotFoundError, ValueError) as error:
             return _refused(error)
         if args.named:
@@ -216,14 +214,13 @@ def _command(args) -> int:
             dist.destroy_process_group()
         return 0
     if args.command == "eval":
-        from .data import DataNotFoundError
         from .engine import evaluate_checkpoint
 
         try:
             result = evaluate_checkpoint(args.checkpoint, args.model, args.dataset, args.data_root, args.image_size,
                                          args.batch, args.device, args.workers, args.model_option,
                                          args.num_classes)
-        except (FileNotFoundError, DataNotFoundError, ValueError) as error:
+        except (FileNotFoundError, ValueError) as error:  # DataNotFoundError is one
             return _refused(error)
         print(json.dumps(result))
         return 0
@@ -258,17 +255,16 @@ def _bench(args) -> None:
 
         from .bench import bench_train
 
-        compiled, options = args.compile, args.option
         table = bench_train(args.student, args.teacher, args.method, args.batch, args.steps, device=args.device,
-                            method_options=options, compile=compiled, cuda_graph=args.cuda_graph)
+                            method_options=args.option, compile=args.compile, cuda_graph=args.cuda_graph)
         print(f"training steps of {args.student} (teacher {args.teacher}), batch {args.batch}, 32 px, "
-              f"compile {compiled}, {_where(args.device)}")
+              f"compile {args.compile}, {_where(args.device)}")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         if args.cuda_graph:
             from .bench import captured_step_difference
 
             check = captured_step_difference(args.student, args.teacher, args.method, args.batch, device=args.device,
-                                             method_options=options, compile=compiled)
+                                             method_options=args.option, compile=args.compile)
             print(f"captured vs eager step, {check['steps']} steps from the same weights: largest parameter "
                   f"difference {check['max_abs_difference']:.3g} ({check['relative']:.3g} of the largest parameter)")
     if args.what == "gan":

@@ -29,7 +29,7 @@ from .losses import DKDLoss, FitNetLoss, KDLoss, SRDLoss, VkDLoss, get_distance,
 from .models import distillation_features
 from .normalization import get_normalization
 from .projectors import check_projector, retract_
-from .settings import at_least, wrong_settings
+from .settings import at_least, positive, wrong_settings
 
 METHODS = ("ce", "kd", "fitnet", "dkd", "srd", "vkd", "srd+dkd")
 
@@ -76,7 +76,7 @@ class MethodConfig:
         """``(option, whether its value is allowed, what it must be)`` for the options with a range."""
         return [*at_least(self, 0, "ce_weight", "kd_weight", "fitnet_weight", "dkd_weight", "srd_weight", "vkd_weight",
                           "dkd_alpha", "dkd_beta", "dkd_warmup_epochs", "srd_alpha"),
-                ("temperature", self.temperature > 0, "positive"),
+                *positive(self, "temperature"),
                 *at_least(self, 1, "srd_hidden", "vkd_hidden")]
 
     @classmethod

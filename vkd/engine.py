@@ -49,7 +49,7 @@ from .runtime import (
     set_rng_state,
     software_versions,
 )
-from .settings import at_least, settings_file, wrong_settings
+from .settings import at_least, positive, settings_file, wrong_settings
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -223,7 +223,7 @@ class TrainConfig(RunConfig):
                 ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
                 ("test_fraction", 0 < self.test_fraction <= 1, "in (0, 1]"),
                 *at_least(self, 1, "epochs", "batch_size", "image_size"),
-                ("lr", self.lr > 0, "positive"),
+                *positive(self, "lr"),
                 ("gamma", 0 < self.gamma <= 1, "in (0, 1], the multistep schedule's decay factor"),
                 ("optimizer", is_timm_optimizer(self.optimizer),
                  "a timm optimizer name, e.g. 'sgd' or 'adamw' (timm.optim.list_optimizers())"),

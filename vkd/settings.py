@@ -42,6 +42,11 @@ def at_least(settings: Any, low: float, *names: str) -> list[tuple[str, bool, st
     return [(name, getattr(settings, name) >= low, f"at least {low}") for name in names]
 
 
+def positive(settings: Any, *names: str) -> list[tuple[str, bool, str]]:
+    """``limits()`` rules that the settings ``names`` of ``settings`` are above 0."""
+    return [(name, getattr(settings, name) > 0, "positive") for name in names]
+
+
 def wrong_settings(settings: Any) -> list[str]:
     """:func:`wrong_types`; when every type fits, ``"<field> must be <rule>, got <value>"`` for each of
     ``settings.limits()`` -- ``(field, whether its value is allowed, what it must be)`` -- that does not hold."""

@@ -51,7 +51,7 @@ from ..runtime import (
     set_rng_state,
     software_versions,
 )
-from ..settings import at_least
+from ..settings import at_least, positive
 from .augment import DIFFAUGMENT_POLICY, diff_augment
 from .features import ImageEmbedding, classifier_embedding, clip_embedding
 from .fid import FID, class_spread, to_uint8
@@ -124,7 +124,7 @@ class GANConfig(RunConfig):
                 *at_least(self, 1, "channels", "z_dim", "iterations", "batch_size", "d_steps", "eval_every",
                           "checkpoint_every"),
                 *at_least(self, 0, "head_dim", "kd_weight"),
-                *((name, getattr(self, name) > 0, "positive") for name in ("lr_g", "lr_d")),
+                *positive(self, "lr_g", "lr_d"),
                 ("betas", len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
                  "two values in [0, 1), Adam's (beta1, beta2)"),
                 ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: evaluate the generator itself)"),
